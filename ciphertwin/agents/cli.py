@@ -1,0 +1,307 @@
+"""Sub-commands of the people-facing agents: `owner …`, `receiver …`, `device …`, `watch`.
+
+Each principal keeps its keys in a home folder (default ``~/.ciphertwin/<name>``): the
+identity (secret key file encrypted with a passphrase, except for unattended devices) and
+``broker.secret`` with its broker login (0600). The broker address comes from the
+deployment file (``--config`` or ``$CIPHERTWIN_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ciphertwin.agents.identity import (
+    Identity, default_home, load_identity, load_public, passphrase_from_env_or_prompt,
+    read_private_file, save_identity, write_private_file,
+)
+from ciphertwin.bus.client import BusClient
+from ciphertwin.config.passwords import generate_password
+from ciphertwin.config.principals import Principal, add_client
+from ciphertwin.config.settings import Deployment, load_deployment
+from ciphertwin.errors import ValidationError
+
+BROKER_SECRET = "broker.secret"
+
+
+# -- shared helpers -------------------------------------------------------------------------
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home) if args.home else default_home(args.name)
+
+
+def _common(p: argparse.ArgumentParser, name_required: bool = True) -> None:
+    p.add_argument("--name", required=name_required, help="principal id (broker user)")
+    p.add_argument("--home", help="key folder (default ~/.ciphertwin/<name>)")
+    p.add_argument("--config", help="deployment TOML (default $CIPHERTWIN_CONFIG)")
+
+
+def _save_broker_login(home: Path, username: str, password: str) -> None:
+    write_private_file(home / BROKER_SECRET,
+                       json.dumps({"username": username, "password": password}).encode())
+
+
+def _bus_for(args: argparse.Namespace, deployment: Deployment) -> BusClient:
+    login = json.loads(read_private_file(_home(args) / BROKER_SECRET, 4096))
+    return BusClient.for_deployment(deployment, client_id=login["username"],
+                                    username=login["username"], password=login["password"])
+
+
+def _identity(args: argparse.Namespace) -> Identity:
+    return load_identity(_home(args), passphrase_from_env_or_prompt())
+
+
+def _init(args: argparse.Namespace, role: str) -> int:
+    """Create keys (+ broker login, if this machine holds the deployment's credentials)."""
+    home = _home(args)
+    identity = Identity.generate(args.name, role)
+    save_identity(identity, home, passphrase_from_env_or_prompt(confirm=True))
+    deployment = load_deployment(args.config)
+    if args.broker_password_stdin:
+        password = sys.stdin.readline().strip()
+    else:
+        password = generate_password()
+        add_client(deployment.principals.credentials_file,
+                   Principal.create(args.name, role, password,
+                                    iterations=deployment.principals.hash_iterations))
+    _save_broker_login(home, args.name, password)
+    print(f"{role} {args.name}: keys in {home}; public key file {home / 'public.key'} "
+          f"(fingerprint {identity.public.fingerprint})")
+    return 0
+
+
+def _time(text: str | None, default: float) -> float:
+    if text is None:
+        return default
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValidationError(f"not an ISO date/time: {text!r}") from None
+
+
+def _print_items(items: list[Any], as_json: bool) -> None:
+    for it in items:
+        row = {"twin": it.twin, "device": it.device, "seq": it.seq, **it.reading}
+        print(json.dumps(row) if as_json else
+              f"{datetime.fromtimestamp(it.reading['time']).isoformat(timespec='seconds')} "
+              f"{it.device}#{it.seq} {it.reading['type']}: {it.reading['values']}")
+
+
+# -- owner ----------------------------------------------------------------------------------
+async def _owner_register(args: argparse.Namespace) -> int:
+    from ciphertwin.agents.owner import OwnerAgent
+
+    async with _bus_for(args, load_deployment(args.config)) as bus:
+        await OwnerAgent(_identity(args), bus).register()
+    print(f"owner {args.name} registered with the cloud")
+    return 0
+
+
+async def _owner_enroll(args: argparse.Namespace) -> int:
+    from ciphertwin.agents.bundle import BrokerConnection, bundle_qr_png, write_bundle
+    from ciphertwin.agents.owner import OwnerAgent
+
+    deployment = load_deployment(args.config)
+    password = generate_password()
+    add_client(deployment.principals.credentials_file,
+               Principal.create(args.device, "device", password, twin=args.twin, owner=args.name,
+                                iterations=deployment.principals.hash_iterations))
+    b = deployment.broker
+    source = json.loads(args.source) if args.source else {"kind": "simulated",
+                                                            "sensor": args.sensor}
+    rules = json.loads(args.rules) if args.rules else []
+    async with _bus_for(args, deployment) as bus:
+        owner = OwnerAgent(_identity(args), bus)
+        bundle = owner.enroll_device(
+            args.twin, args.device, BrokerConnection(b.host, b.port, args.device, password,
+                                                     b.prefix, b.tls.enabled),
+            epoch_policy=args.epoch, rules=rules, source=source, valid_days=args.days)
+        await owner.grant_own_device(args.twin, args.device, bundle.device_pre.public)
+    out = Path(args.out or f"{args.device}.bundle")
+    write_bundle(out, bundle, args.bundle_passphrase)
+    print(f"enrollment bundle for {args.device} (twin {args.twin}) written to {out} (0600)")
+    if args.qr:
+        bundle_qr_png(out.read_bytes(), args.qr)
+        print(f"QR code written to {args.qr}")
+    return 0
+
+
+async def _owner_grant(args: argparse.Namespace) -> int:
+    from ciphertwin.agents.owner import OwnerAgent
+
+    receiver = load_public(args.receiver_key)
+    async with _bus_for(args, load_deployment(args.config)) as bus:
+        grant_id = await OwnerAgent(_identity(args), bus).grant(
+            receiver.name, receiver.pre, args.twins.split(","), args.policy, args.grant_id)
+    print(f"grant {grant_id}: {receiver.name} may read {args.twins} where {args.policy!r} "
+          f"(receiver key fingerprint {receiver.fingerprint})")
+    return 0
+
+
+async def _owner_revoke(args: argparse.Namespace) -> int:
+    from ciphertwin.agents.owner import OwnerAgent
+
+    async with _bus_for(args, load_deployment(args.config)) as bus:
+        await OwnerAgent(_identity(args), bus).revoke(args.grant_id)
+    print(f"grant {args.grant_id} revoked")
+    return 0
+
+
+def _reader(args: argparse.Namespace, bus: BusClient) -> Any:
+    """A reader that checks write tokens against the twin owner's key: our own key for an
+    owner, else the owner's public.key file (never the cloud's word)."""
+    from ciphertwin.agents.reader import TwinReader
+
+    identity = _identity(args)
+    if args.owner_key:
+        owner_key = load_public(args.owner_key).verify_key
+    elif identity.role == "owner":
+        owner_key = identity.signing.verify_key
+    else:
+        raise ValidationError("give --owner-key: the twin owner's public.key file")
+    return TwinReader(bus, args.name, identity.pre, owner_key)
+
+
+async def _history(args: argparse.Namespace) -> int:
+    async with _bus_for(args, load_deployment(args.config)) as bus:
+        items = await _reader(args, bus).history(
+            args.twin, _time(args.since, 0.0), _time(args.until, 1e12))
+    _print_items(items, args.json)
+    return 0
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    async with _bus_for(args, load_deployment(args.config)) as bus:
+        async for item in _reader(args, bus).watch(args.twin):
+            _print_items([item], args.json)
+            sys.stdout.flush()
+    return 0
+
+
+# -- device ---------------------------------------------------------------------------------
+def _device_enroll(args: argparse.Namespace) -> int:
+    from ciphertwin.agents.bundle import enroll_from_bundle, read_bundle
+
+    bundle = read_bundle(args.bundle, args.bundle_passphrase)
+    home = Path(args.home) if args.home else default_home(bundle.device)
+    enroll_from_bundle(bundle, home, overwrite=args.force)
+    print(f"device {bundle.device} of twin {bundle.twin} enrolled in {home}")
+    return 0
+
+
+async def _device_run(args: argparse.Namespace) -> int:
+    from ciphertwin.agents.bundle import load_enrolled_device
+    from ciphertwin.agents.device import DeviceAgent
+    from ciphertwin.agents.outbox import Outbox
+    from ciphertwin.agents.sources import make_source
+
+    home = Path(args.home) if args.home else default_home(args.name)
+    config = load_enrolled_device(home)
+    b = config.broker
+    source = make_source(json.loads(args.source) if args.source else config.source)
+    async with BusClient(b.host, b.port, client_id=b.username, username=b.username,
+                         password=b.password, prefix=b.prefix, tls_context=b.ssl_context()) as bus, \
+            Outbox(home / "outbox.db") as outbox:
+        expand = {}
+        if args.shares:  # 3+: three additive shares per numeric reading, share:i attributes
+            from ciphertwin.agents.share_mode import share_items
+
+            expand = {"expand": share_items}
+        agent = DeviceAgent(config, bus, outbox, **expand)
+        print(f"device {config.device} → twin {config.twin}: {await outbox.count()} item(s) "
+              "waiting in the outbox; Ctrl-C stops", flush=True)
+        await agent.run(source)
+    return 0
+
+
+# -- registration ---------------------------------------------------------------------------
+def register(subparsers: Any) -> None:
+    from ciphertwin.agents.processing_cli import add_owner_commands, add_receiver_commands
+
+    owner = subparsers.add_parser("owner", help="owner actions: keys, devices, grants")
+    osub = owner.add_subparsers(dest="owner_command", metavar="ACTION", required=True)
+    p = osub.add_parser("init", help="create owner keys and broker login")
+    _common(p)
+    p.add_argument("--broker-password-stdin", action="store_true",
+                   help="read an operator-issued broker password instead of creating one")
+    p.set_defaults(func=lambda a: _init(a, "owner"))
+    p = osub.add_parser("register", help="publish the owner's public keys to the cloud")
+    _common(p)
+    p.set_defaults(func=_owner_register)
+    p = osub.add_parser("enroll-device", help="make a device bundle (keys, write token, login)")
+    _common(p)
+    p.add_argument("--twin", required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--out", help="bundle file (default <device>.bundle)")
+    p.add_argument("--qr", help="also write the bundle as a QR code PNG (needs ciphertwin[qr])")
+    p.add_argument("--epoch", default="hour", help="key epoch: item, hour, day or <n>s")
+    p.add_argument("--sensor", default="temperature", help="simulated sensor kind")
+    p.add_argument("--source", help='source spec as JSON, e.g. {"kind": "stdin"}')
+    p.add_argument("--rules", help="attribute rules as a JSON list")
+    p.add_argument("--days", type=int, default=365, help="write token validity")
+    p.add_argument("--bundle-passphrase", help="protect the bundle with this passphrase")
+    p.set_defaults(func=_owner_enroll)
+    p = osub.add_parser("grant", help="let a receiver read a subset (policy) of twins")
+    _common(p)
+    p.add_argument("--receiver-key", required=True, help="receiver's public.key file")
+    p.add_argument("--twins", required=True, help="comma-separated twin ids")
+    p.add_argument("--policy", required=True, help='e.g. "type:temperature AND day:2026-11-22"')
+    p.add_argument("--grant-id")
+    p.set_defaults(func=_owner_grant)
+    p = osub.add_parser("revoke", help="revoke a grant")
+    _common(p)
+    p.add_argument("grant_id")
+    p.set_defaults(func=_owner_revoke)
+    add_owner_commands(osub)
+    for verb, fn in (("history", _history), ("watch", _watch)):
+        p = osub.add_parser(verb, help=f"{verb} of a twin, decrypted")
+        _common(p)
+        p.add_argument("twin")
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--owner-key", help="twin owner's public.key (default: our own key)")
+        if verb == "history":
+            p.add_argument("--since", help="ISO time")
+            p.add_argument("--until", help="ISO time")
+        p.set_defaults(func=fn)
+
+    receiver = subparsers.add_parser("receiver", help="receiver actions: keys, history")
+    rsub = receiver.add_subparsers(dest="receiver_command", metavar="ACTION", required=True)
+    p = rsub.add_parser("init", help="create receiver keys and broker login")
+    _common(p)
+    p.add_argument("--broker-password-stdin", action="store_true")
+    p.set_defaults(func=lambda a: _init(a, "receiver"))
+    p = rsub.add_parser("history", help="history of a twin through the receiver's grant")
+    _common(p)
+    p.add_argument("twin")
+    p.add_argument("--owner-key", required=True, help="the twin owner's public.key file")
+    p.add_argument("--since")
+    p.add_argument("--until")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_history)
+    add_receiver_commands(rsub)
+
+    device = subparsers.add_parser("device", help="device agent")
+    dsub = device.add_subparsers(dest="device_command", metavar="ACTION", required=True)
+    p = dsub.add_parser("enroll", help="install an enrollment bundle")
+    p.add_argument("bundle")
+    p.add_argument("--home")
+    p.add_argument("--bundle-passphrase")
+    p.add_argument("--force", action="store_true", help="replace an existing enrollment")
+    p.set_defaults(func=_device_enroll)
+    p = dsub.add_parser("run", help="read the source, seal, sign, publish (with outbox)")
+    p.add_argument("--name", required=True, help="device id")
+    p.add_argument("--home")
+    p.add_argument("--source", help="override the bundle's source spec (JSON)")
+    p.add_argument("--shares", action="store_true",
+                   help="upload 3 secret shares per reading (for MPC processing) instead")
+    p.set_defaults(func=_device_run)
+
+    watch = subparsers.add_parser("watch", help="show decrypted live items of a twin")
+    _common(watch)
+    watch.add_argument("twin")
+    watch.add_argument("--json", action="store_true")
+    watch.add_argument("--owner-key", help="twin owner's public.key (needed unless an owner)")
+    watch.set_defaults(func=_watch)

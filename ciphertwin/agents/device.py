@@ -1,0 +1,146 @@
+"""The device agent: readings → attributes → sealed, signed items → outbox → cloud.
+
+Nothing is lost between a reading and the cloud's store: each item enters the persistent
+outbox (with its sequence number inside the signed envelope) before it is published, and it
+leaves the outbox only when the cloud acknowledges that it committed it. Items in flight for
+longer than ``resend_after`` are published again — the cloud stores idempotently, so
+duplicates cost bandwidth, never correctness. This path imports no numpy (Raspberry Pi).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+
+from ciphertwin.agents.attribute_rules import AttributeRules
+from ciphertwin.agents.bundle import DeviceConfig
+from ciphertwin.agents.outbox import Outbox
+from ciphertwin.agents.sources import Reading, Source
+from ciphertwin.bus.client import BusClient
+from ciphertwin.bus.envelope import decode
+from ciphertwin.crypto.epochs import DataKeyManager
+from ciphertwin.errors import CipherTwinError
+from ciphertwin.protocol.items import DeviceCredentials, build_item
+
+log = structlog.get_logger(__name__)
+
+Expand = Callable[[dict[str, Any], frozenset[str]], Iterable[tuple[dict[str, Any], Iterable[str]]]]
+"""Turns one reading into the items to send (e.g. three secret shares); default: itself."""
+
+
+def _as_is(reading: dict[str, Any], attrs: frozenset[str]) -> list[tuple[dict[str, Any], Iterable[str]]]:
+    return [(reading, attrs)]
+
+
+class DeviceAgent:
+    """Run with ``await agent.run(source)``; ``stop()`` ends it after flushing what it can."""
+
+    def __init__(self, config: DeviceConfig, bus: BusClient, outbox: Outbox, *,
+                 expand: Expand = _as_is, window: int = 256, resend_after: float = 5.0) -> None:
+        self.config, self.bus, self.outbox = config, bus, outbox
+        self.creds = DeviceCredentials(config.twin, config.device, config.identity.signing,
+                                       config.write_token.to_bytes())
+        self.keys = DataKeyManager(config.owner_pre, config.epoch_policy)
+        self.rules: AttributeRules = config.attribute_rules()
+        self.expand = expand
+        self.window, self.resend_after = window, resend_after
+        self._sent_upto = 0
+        self._inflight: dict[int, float] = {}
+        self._refused: set[int] = set()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.acknowledged = 0
+        self.produced = 0
+
+    # -- producing ----------------------------------------------------------------------
+    async def record(self, reading: Reading) -> list[int]:
+        """Seal one reading (or its expansion) into the outbox; returns the seqs used."""
+        attrs = frozenset(self.rules.attributes_for(reading))
+        seqs = []
+        for body, item_attrs in self.expand(reading.as_dict(), attrs):
+            attributes = tuple(sorted(set(item_attrs)))
+            seq = await self.outbox.append(
+                lambda s, b=body, a=attributes: build_item(self.creds, self.keys, s, b, a))
+            seqs.append(seq)
+        self.produced += len(seqs)
+        self._wake.set()
+        return seqs
+
+    async def _produce(self, source: Source) -> None:
+        async for reading in source:
+            try:
+                await self.record(reading)
+            except CipherTwinError as exc:
+                log.warning("device.reading_refused", device=self.config.device, reason=str(exc))
+            if self._stopping.is_set():
+                return
+
+    # -- sending ------------------------------------------------------------------------
+    async def _on_ack(self, topic: str, payload: bytes, retain: bool) -> None:
+        ack = decode(payload, "ack")
+        if ack["seqs"]:
+            self.acknowledged += await self.outbox.acknowledge(ack["seqs"])
+        for seq in ack["seqs"]:
+            self._inflight.pop(seq, None)
+        for refusal in ack["rejected"]:
+            self._inflight.pop(refusal["seq"], None)
+            self._refused.add(refusal["seq"])
+            log.error("device.item_refused_by_cloud", seq=refusal["seq"],
+                      reason=refusal["reason"], hint="kept in the outbox; not resent")
+        self._wake.set()
+
+    async def _send(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            room = self.window - len(self._inflight)
+            batch = await self.outbox.pending(room, self._sent_upto) if room > 0 else []
+            for seq, payload in batch:
+                self._sent_upto = max(self._sent_upto, seq)
+                if seq in self._refused:
+                    continue
+                self._inflight[seq] = loop.time()
+                await self.bus.publish(self.bus.topics.twin_data(self.config.twin), payload)
+            if batch:
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.resend_after / 2)
+            except TimeoutError:
+                pass
+            oldest = min(self._inflight.values(), default=None)
+            if oldest is not None and loop.time() - oldest > self.resend_after:
+                log.info("device.resending", unacknowledged=len(self._inflight))
+                self._inflight.clear()
+                self._sent_upto = 0  # publish every pending item again, oldest first
+
+    async def run(self, source: Source | None = None) -> None:
+        """Subscribe to acks, send the outbox, and (if given) record the source's readings."""
+        await self.bus.subscribe(self.bus.topics.ack(self.config.twin, self.config.device),
+                                 self._on_ack)
+        sender = asyncio.create_task(self._send(), name="device:send")
+        producer = asyncio.create_task(self._produce(source), name="device:produce") \
+            if source is not None else None
+        try:
+            await self._stopping.wait()
+        finally:
+            for task in (sender, producer):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(sender, *([producer] if producer else []),
+                                 return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def drained(self, timeout: float = 30.0) -> bool:
+        """Wait until the outbox is empty (everything acknowledged); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while await self.outbox.count() > len(self._refused):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True

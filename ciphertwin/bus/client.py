@@ -1,0 +1,440 @@
+"""The one MQTT client every ciphertwin service uses (aiomqtt 2.x underneath).
+
+Why a wrapper: aiomqtt gives a single connection that dies with the broker. Services here must
+outlive broker restarts and network cuts, so this class owns a supervisor task that reconnects
+with exponential back-off and jitter, re-subscribes everything, and hands each message to a
+per-subscription worker so one slow or failing handler neither blocks the others nor kills
+the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiomqtt
+import structlog
+
+from ciphertwin.bus.errors import (
+    BusAuthError,
+    BusError,
+    BusUnavailable,
+    RequestTimeout,
+    SubscriptionDenied,
+)
+from ciphertwin.bus.topics import DEFAULT_PREFIX, Topics, validate_id
+from ciphertwin.errors import ValidationError
+
+if TYPE_CHECKING:
+    from ciphertwin.config.settings import Deployment
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[str, bytes, bool], Awaitable[None]]
+"""handler(topic, payload, retain) — called once per delivered message."""
+
+_AUTH_REFUSED = {4, 5, 0x86, 0x87}  # 3.1.1 bad credentials / not authorised, and MQTT 5 codes
+_SUBACK_FAILURE = 0x80
+
+
+@dataclass(eq=False)
+class _Subscription:
+    filter: str
+    handler: Handler | None
+    qos: int
+    queue: asyncio.Queue[tuple[str, bytes, bool]]
+    workers: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def _check_topic(topic: object) -> str:
+    if not isinstance(topic, str) or not topic or "+" in topic or "#" in topic:
+        raise ValidationError(f"invalid publish topic {topic!r}: non-empty, no wildcards")
+    return topic
+
+
+def _check_filter(topic_filter: object) -> str:
+    if not isinstance(topic_filter, str) or not topic_filter:
+        raise ValidationError(f"invalid topic filter {topic_filter!r}")
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if ("#" in level and (level != "#" or i != len(levels) - 1)) or (
+            "+" in level and level != "+"
+        ):
+            raise ValidationError(f"invalid topic filter {topic_filter!r}: misplaced wildcard")
+    return topic_filter
+
+
+def _check_qos(qos: object) -> int:
+    if qos not in (0, 1, 2) or isinstance(qos, bool):
+        raise ValidationError(f"invalid QoS {qos!r}: expected 0, 1 or 2")
+    return int(qos)  # type: ignore[arg-type]
+
+
+class BusClient:
+    """Resilient MQTT connection: ``async with BusClient(...) as bus: ...``."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        client_id: str,
+        username: str | None = None,
+        password: str | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        keepalive: int = 30,
+        tls_context: ssl.SSLContext | None = None,
+        clean_session: bool = True,
+        connect_timeout: float = 30.0,
+        publish_timeout: float = 10.0,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 10.0,
+        max_inflight: int = 200,
+        queue_size: int = 10_000,
+    ) -> None:
+        if not isinstance(host, str) or not host:
+            raise ValidationError(f"invalid broker host {host!r}")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ValidationError(f"invalid broker port {port!r}")
+        if not isinstance(client_id, str) or not 0 < len(client_id) <= 128:
+            raise ValidationError(f"invalid client id {client_id!r}")
+        if username is not None:
+            validate_id(username, "username")
+        if keepalive < 5 or backoff_initial <= 0 or backoff_max < backoff_initial:
+            raise ValidationError("keepalive must be >= 5 s and 0 < backoff_initial <= backoff_max")
+        self.host, self.port, self.client_id = host, port, client_id
+        self.topics = Topics(prefix)
+        self._username, self._password = username, password
+        self._keepalive = keepalive
+        self._tls_context = tls_context
+        self._clean_session = clean_session
+        self.connect_timeout = connect_timeout
+        self.publish_timeout = publish_timeout
+        self._backoff = (backoff_initial, backoff_max)
+        self._max_inflight = max_inflight
+        self._queue_size = queue_size
+        self._inflight = asyncio.Semaphore(max_inflight)
+
+        self._subs: dict[str, _Subscription] = {}
+        self._waiters: dict[str, asyncio.Future[bytes]] = {}
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._first_connect: asyncio.Future[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._log = log.bind(client_id=client_id, broker=f"{host}:{port}")
+        self.reconnects = 0
+        """How many times the connection was (re-)established after the first one."""
+
+    @classmethod
+    def for_deployment(
+        cls,
+        deployment: Deployment,
+        *,
+        client_id: str,
+        username: str | None = None,
+        password: str | None = None,
+        **kwargs: Any,
+    ) -> BusClient:
+        """A client for the deployment's broker (host, port, prefix, keepalive, TLS)."""
+        b = deployment.broker
+        tls = None
+        if b.tls.enabled:
+            tls = ssl.create_default_context(cafile=str(b.tls.cafile) if b.tls.cafile else None)
+        return cls(b.host, b.port, client_id=client_id, username=username, password=password,
+                   prefix=b.prefix, keepalive=b.keepalive, tls_context=tls, **kwargs)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def __aenter__(self) -> BusClient:
+        if self._supervisor is not None:
+            raise BusError("BusClient is already running")
+        self._first_connect = asyncio.get_running_loop().create_future()
+        self._supervisor = asyncio.create_task(self._run(), name=f"bus:{self.client_id}")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._first_connect), self.connect_timeout)
+        except TimeoutError:
+            await self.close()
+            raise BusUnavailable(
+                f"could not connect to MQTT broker {self.host}:{self.port} "
+                f"within {self.connect_timeout:.1f} s"
+            ) from None
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop reconnecting, stop handler workers, disconnect."""
+        sup, self._supervisor = self._supervisor, None
+        tasks = [w for s in self._subs.values() for w in s.workers]
+        if sup is not None:
+            tasks.append(sup)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sub in self._subs.values():
+            sub.workers.clear()
+        self._subs.clear()
+        self._connected.clear()
+        self._client = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Block until connected; raise BusUnavailable after ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            raise BusUnavailable(
+                f"MQTT broker {self.host}:{self.port} unreachable for {timeout:.1f} s"
+            ) from None
+
+    # -- public operations --------------------------------------------------------------
+    async def subscribe(
+        self, topic_filter: str, handler: Handler | None, qos: int = 1, *, concurrency: int = 1
+    ) -> None:
+        """Subscribe now and after every reconnect; raise SubscriptionDenied if refused.
+
+        ``concurrency`` > 1 runs that many handler calls in parallel (message order is then
+        no longer guaranteed for this subscription). ``handler=None`` subscribes only to feed
+        ``request()`` replies.
+        """
+        _check_filter(topic_filter)
+        qos = _check_qos(qos)
+        if topic_filter in self._subs:
+            raise BusError(f"already subscribed to {topic_filter!r}")
+        if not 1 <= concurrency <= 64:
+            raise ValidationError("concurrency must be within 1..64")
+        sub = _Subscription(topic_filter, handler, qos, asyncio.Queue(self._queue_size))
+        if handler is not None:
+            sub.workers = [
+                asyncio.create_task(self._worker(sub), name=f"bus-handler:{topic_filter}")
+                for _ in range(concurrency)
+            ]
+        self._subs[topic_filter] = sub
+        try:
+            client = await self._wait_client(self.publish_timeout)
+            await self._subscribe_on(client, sub)
+        except BaseException:
+            self._drop_subscription(topic_filter)
+            raise
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Forget a subscription (and tell the broker if connected)."""
+        if self._drop_subscription(topic_filter) and self._client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._client.unsubscribe(topic_filter, timeout=self.publish_timeout)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish; for QoS >= 1 return once the broker acknowledged.
+
+        During an outage wait up to ``timeout`` (default ``publish_timeout``) for the
+        connection to come back, then raise BusUnavailable. A publish interrupted by a
+        disconnect is sent again after reconnecting (QoS 1 is at-least-once anyway).
+        """
+        _check_topic(topic)
+        qos = _check_qos(qos)
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise ValidationError(f"payload must be bytes, got {type(payload).__name__}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.publish_timeout if timeout is None else timeout)
+        failed: aiomqtt.Client | None = None
+        while True:
+            client = await self._wait_client(deadline - loop.time(), not_this=failed)
+            try:
+                async with self._inflight:
+                    await client.publish(
+                        topic, bytes(payload), qos=qos, retain=retain,
+                        timeout=max(deadline - loop.time(), 0.001),
+                    )
+                return
+            except aiomqtt.MqttError as exc:
+                failed = client
+                if loop.time() >= deadline:
+                    raise BusUnavailable(f"publish to {topic!r} failed: {exc}") from exc
+                self._log.debug("bus.publish_retry", topic=topic, error=str(exc))
+
+    async def request(
+        self,
+        topic: str,
+        payload: bytes,
+        reply_topic: str,
+        timeout: float = 10.0,
+        qos: int = 1,
+    ) -> bytes:
+        """Publish ``payload`` to ``topic`` and return the first message on ``reply_topic``.
+
+        If no standing subscription covers ``reply_topic`` a temporary one is made (and
+        removed afterwards), so the reply cannot be missed.
+        """
+        _check_topic(reply_topic)
+        if reply_topic in self._waiters:
+            raise BusError(f"a request is already waiting on {reply_topic!r}")
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiters[reply_topic] = fut
+        temporary = not any(aiomqtt.Topic(reply_topic).matches(f) for f in self._subs)
+        try:
+            if temporary:
+                await self.subscribe(reply_topic, None, qos)
+            await self.publish(topic, payload, qos)
+            try:
+                return await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no reply on {reply_topic!r} within {timeout:.1f} s"
+                ) from None
+        finally:
+            self._waiters.pop(reply_topic, None)
+            if temporary and reply_topic in self._subs:
+                await self.unsubscribe(reply_topic)
+
+    # -- internals ----------------------------------------------------------------------
+    def _drop_subscription(self, topic_filter: str) -> bool:
+        sub = self._subs.pop(topic_filter, None)
+        if sub is None:
+            return False
+        for w in sub.workers:
+            w.cancel()
+        return True
+
+    async def _wait_client(
+        self, timeout: float, not_this: aiomqtt.Client | None = None
+    ) -> aiomqtt.Client:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        while True:
+            client = self._client
+            if self._connected.is_set() and client is not None and client is not not_this:
+                return client
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise BusUnavailable(
+                    f"MQTT broker {self.host}:{self.port} unavailable (waited {timeout:.1f} s)"
+                )
+            if self._supervisor is None:
+                raise BusError("BusClient is not running (use 'async with')")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), min(remaining, 0.05))
+            if self._connected.is_set() and self._client is not_this:
+                await asyncio.sleep(0.01)  # supervisor has not noticed the drop yet
+
+    async def _subscribe_on(self, client: aiomqtt.Client, sub: _Subscription) -> None:
+        result = await client.subscribe(sub.filter, qos=sub.qos, timeout=self.publish_timeout)
+        codes = [getattr(c, "value", c) for c in result]
+        if any(c >= _SUBACK_FAILURE for c in codes):
+            raise SubscriptionDenied(f"broker refused subscription to {sub.filter!r}")
+
+    def _new_client(self) -> aiomqtt.Client:
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=self.client_id,
+            username=self._username,
+            password=self._password,
+            keepalive=self._keepalive,
+            clean_session=self._clean_session,
+            tls_context=self._tls_context,
+            max_inflight_messages=self._max_inflight,
+            timeout=self.publish_timeout,
+        )
+        # aiomqtt warns on every call above this; concurrency is bounded by _inflight instead
+        client.pending_calls_threshold = 1 << 30
+        return client
+
+    def _backoff_delay(self, attempt: int) -> float:
+        initial, cap = self._backoff
+        return min(cap, initial * 2**attempt) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
+
+    async def _run(self) -> None:
+        attempt = 0
+        ever_connected = False
+        while True:
+            client = self._new_client()
+            try:
+                async with client:
+                    for sub in list(self._subs.values()):
+                        try:
+                            await self._subscribe_on(client, sub)
+                        except SubscriptionDenied as exc:
+                            self._log.error("bus.resubscribe_denied", error=str(exc))
+                    self._client = client
+                    self._connected.set()
+                    attempt = 0
+                    if ever_connected:
+                        self.reconnects += 1
+                        self._log.info("bus.reconnected", subscriptions=len(self._subs))
+                    else:
+                        ever_connected = True
+                        self._log.info("bus.connected")
+                        if self._first_connect and not self._first_connect.done():
+                            self._first_connect.set_result(None)
+                    async for message in client.messages:
+                        await self._dispatch(message)
+            except aiomqtt.MqttError as exc:  # noqa: PERF203
+                rc = getattr(exc, "rc", None)
+                rc = getattr(rc, "value", rc)
+                if not ever_connected and rc in _AUTH_REFUSED:
+                    if self._first_connect and not self._first_connect.done():
+                        self._first_connect.set_exception(
+                            BusAuthError(f"broker {self.host}:{self.port} refused credentials "
+                                         f"of {self.client_id!r}: {exc}")
+                        )
+                    return
+                self._log.warning("bus.connection_lost", error=str(exc), attempt=attempt)
+            except Exception as exc:  # noqa: BLE001 - the supervisor must never die
+                self._log.error("bus.supervisor_error", error=f"{type(exc).__name__}: {exc}",
+                                exc_info=True)
+            finally:
+                self._connected.clear()
+                self._client = None
+            await asyncio.sleep(self._backoff_delay(attempt))
+            attempt += 1
+
+    async def _dispatch(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload
+        if not isinstance(payload, bytes):
+            payload = bytes(payload) if isinstance(payload, bytearray) else b""
+        waiter = self._waiters.get(topic)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(payload)
+        for sub in list(self._subs.values()):
+            if sub.handler is not None and message.topic.matches(sub.filter):
+                await sub.queue.put((topic, payload, bool(message.retain)))
+
+    async def _worker(self, sub: _Subscription) -> None:
+        assert sub.handler is not None
+        while True:
+            topic, payload, retain = await sub.queue.get()
+            try:
+                await sub.handler(topic, payload, retain)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a handler must never kill the loop
+                self._log.error(
+                    "bus.handler_failed",
+                    topic=topic,
+                    filter=sub.filter,
+                    error=f"{type(exc).__name__}: {exc}",
+                    exc_info=not isinstance(exc, ValidationError),
+                )
+
+
+__all__ = ["BusClient", "Handler"]

@@ -1,0 +1,364 @@
+"""The msgpack envelope codec: versioned, strictly validated, size-limited messages.
+
+Everything arriving over the bus is attacker-controlled (the broker and the cloud are not
+trusted), so decoding checks the size *before* unpacking, refuses msgpack extension types,
+and then checks every field of the declared schema: presence, type, length and range. A
+malformed message raises :class:`EnvelopeError` (a ``ValidationError``) with a reason that
+can be logged; nothing else escapes.
+
+Schemas are declarative: one :func:`register_kind` call (one line per kind) declares the
+fields of a message kind and its size limit::
+
+    register_kind("ack", {"twin": ID, "device": ID, "seq": U64})
+
+Wire form: a msgpack map ``{"t": kind, "v": version, **fields}`` with sorted keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ciphertwin.bus.errors import EnvelopeError
+from ciphertwin.bus.topics import ID_PATTERN
+
+VERSION = 1
+"""Current envelope schema version; a decoder accepts exactly the versions of its kind."""
+
+DEFAULT_MAX_SIZE = 256 * 1024
+"""Default per-kind size limit in bytes (MPC chunks and bulk inputs register larger ones)."""
+
+RESERVED = frozenset({"t", "v"})
+
+
+class Spec:
+    """A field constraint; ``check`` returns an error text or None."""
+
+    optional = False
+
+    def check(self, value: Any) -> str | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _len_err(n: int, lo: int, hi: int | None, unit: str) -> str | None:
+    if n < lo:
+        return f"too short ({n} {unit} < {lo})"
+    if hi is not None and n > hi:
+        return f"too long ({n} {unit} > {hi})"
+    return None
+
+
+@dataclass(frozen=True)
+class Bytes(Spec):
+    """Binary string of ``min_len``..``max_len`` bytes."""
+
+    max_len: int
+    min_len: int = 0
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, bytes):
+            return f"expected bytes, got {type(value).__name__}"
+        return _len_err(len(value), self.min_len, self.max_len, "bytes")
+
+
+@dataclass(frozen=True)
+class Str(Spec):
+    """UTF-8 text of ``min_len``..``max_len`` characters."""
+
+    max_len: int
+    min_len: int = 0
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, str):
+            return f"expected str, got {type(value).__name__}"
+        return _len_err(len(value), self.min_len, self.max_len, "chars")
+
+
+@dataclass(frozen=True)
+class Ident(Spec):
+    """An identifier as used in topics (``[A-Za-z0-9_.:-]{1,64}``)."""
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+            return f"expected identifier [A-Za-z0-9_.:-]{{1,64}}, got {value!r:.80}"
+        return None
+
+
+@dataclass(frozen=True)
+class Int(Spec):
+    """Integer within ``lo``..``hi`` (booleans are not integers here)."""
+
+    lo: int
+    hi: int
+
+    def check(self, value: Any) -> str | None:
+        if type(value) is not int:
+            return f"expected int, got {type(value).__name__}"
+        if not self.lo <= value <= self.hi:
+            return f"out of range [{self.lo}, {self.hi}]"
+        return None
+
+
+@dataclass(frozen=True)
+class Float(Spec):
+    """Finite float (ints are accepted and are exact)."""
+
+    def check(self, value: Any) -> str | None:
+        if type(value) not in (float, int):
+            return f"expected float, got {type(value).__name__}"
+        if not math.isfinite(value):
+            return "not finite"
+        return None
+
+
+@dataclass(frozen=True)
+class Bool(Spec):
+    def check(self, value: Any) -> str | None:
+        return None if isinstance(value, bool) else f"expected bool, got {type(value).__name__}"
+
+
+@dataclass(frozen=True)
+class ListOf(Spec):
+    """List of at most ``max_items`` items, each satisfying ``item``."""
+
+    item: Spec
+    max_items: int
+    min_items: int = 0
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, list):
+            return f"expected list, got {type(value).__name__}"
+        err = _len_err(len(value), self.min_items, self.max_items, "items")
+        if err:
+            return err
+        for i, v in enumerate(value):
+            err = self.item.check(v)
+            if err:
+                return f"[{i}]: {err}"
+        return None
+
+
+@dataclass(frozen=True)
+class MapOf(Spec):
+    """Map with at most ``max_items`` entries, keys satisfying ``key``, values ``value``."""
+
+    key: Spec
+    value: Spec
+    max_items: int
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, dict):
+            return f"expected map, got {type(value).__name__}"
+        if len(value) > self.max_items:
+            return f"too many entries ({len(value)} > {self.max_items})"
+        for k, v in value.items():
+            err = self.key.check(k)
+            if err:
+                return f"key {k!r:.40}: {err}"
+            err = self.value.check(v)
+            if err:
+                return f"[{k!r:.40}]: {err}"
+        return None
+
+
+@dataclass(frozen=True)
+class Struct(Spec):
+    """Nested map with a fixed field schema (same strictness as a top-level envelope)."""
+
+    fields: Mapping[str, Spec]
+
+    def check(self, value: Any) -> str | None:
+        if not isinstance(value, dict):
+            return f"expected map, got {type(value).__name__}"
+        return _check_fields(value, self.fields)
+
+
+@dataclass(frozen=True)
+class Opt(Spec):
+    """The wrapped field may be absent (but if present, must be valid; None is not allowed)."""
+
+    inner: Spec
+    optional = True
+
+    def check(self, value: Any) -> str | None:
+        return self.inner.check(value)
+
+
+# Handy constants for schemas.
+ID = Ident()
+U64 = Int(0, 2**64 - 1)
+I64 = Int(-(2**63), 2**63 - 1)
+U32 = Int(0, 2**32 - 1)
+BOOL = Bool()
+FLOAT = Float()
+SIG = Bytes(64, 64)  # Ed25519 signature
+KEY32 = Bytes(32, 32)  # Ed25519 / X25519 public key, AES-256 key id, etc.
+
+
+def _check_fields(body: Mapping[Any, Any], fields: Mapping[str, Spec]) -> str | None:
+    extra = [k for k in body if k not in fields]
+    if extra:
+        return f"unexpected field(s) {sorted(map(repr, extra))[:5]}"
+    for name, spec in fields.items():
+        if name not in body:
+            if spec.optional:
+                continue
+            return f"missing field {name!r}"
+        err = spec.check(body[name])
+        if err:
+            return f"field {name!r}: {err}"
+    return None
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Schema of one message kind."""
+
+    name: str
+    fields: Mapping[str, Spec]
+    max_size: int = DEFAULT_MAX_SIZE
+    versions: frozenset[int] = frozenset({VERSION})
+
+
+_KINDS: dict[str, Kind] = {}
+
+
+def register_kind(
+    name: str,
+    fields: Mapping[str, Spec],
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    versions: Iterable[int] = (VERSION,),
+) -> Kind:
+    """Declare a message kind. Re-registering the identical schema is a no-op."""
+    if not isinstance(name, str) or not ID_PATTERN.fullmatch(name):
+        raise EnvelopeError(f"invalid kind name {name!r}")
+    bad = RESERVED.intersection(fields)
+    if bad:
+        raise EnvelopeError(f"kind {name!r}: field names {sorted(bad)} are reserved")
+    if not all(isinstance(s, Spec) for s in fields.values()):
+        raise EnvelopeError(f"kind {name!r}: every field needs a Spec")
+    if not 16 <= max_size <= 256 * 1024 * 1024:
+        raise EnvelopeError(f"kind {name!r}: max_size {max_size} out of range")
+    kind = Kind(name, dict(fields), max_size, frozenset(versions))
+    existing = _KINDS.get(name)
+    if existing is not None and existing != kind:
+        raise EnvelopeError(f"kind {name!r} is already registered with another schema")
+    _KINDS[name] = kind
+    return kind
+
+
+def get_kind(name: str) -> Kind:
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise EnvelopeError(f"unknown envelope kind {name!r}") from None
+
+
+def registered_kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded, validated message."""
+
+    kind: str
+    version: int
+    body: dict[str, Any]
+    size: int
+
+    def __getitem__(self, name: str) -> Any:
+        return self.body[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.body.get(name, default)
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise EnvelopeError(f"msgpack extension type {code} is not allowed")
+
+
+def encode(kind: str, body: Mapping[str, Any], *, version: int = VERSION) -> bytes:
+    """Validate ``body`` against the schema of ``kind`` and pack it."""
+    k = get_kind(kind)
+    if version not in k.versions:
+        raise EnvelopeError(f"kind {kind!r} has no version {version}")
+    if not isinstance(body, Mapping):
+        raise EnvelopeError(f"body must be a mapping, got {type(body).__name__}")
+    err = _check_fields(body, k.fields)
+    if err:
+        raise EnvelopeError(f"cannot encode {kind!r}: {err}")
+    msg = {"t": kind, "v": version, **body}
+    try:
+        data: bytes = msgpack.packb(dict(sorted(msg.items())), use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EnvelopeError(f"cannot encode {kind!r}: {exc}") from None
+    if len(data) > k.max_size:
+        raise EnvelopeError(f"cannot encode {kind!r}: {len(data)} bytes > limit {k.max_size}")
+    return data
+
+
+def decode(
+    payload: bytes,
+    expected_kinds: str | Iterable[str],
+    max_size: int | None = None,
+) -> Envelope:
+    """Unpack and validate ``payload``; it must be one of ``expected_kinds``.
+
+    ``max_size`` (if given) further lowers the kinds' own limits. Raises EnvelopeError.
+    """
+    kinds = [expected_kinds] if isinstance(expected_kinds, str) else list(expected_kinds)
+    if not kinds:
+        raise EnvelopeError("no expected kinds given")
+    schemas = {name: get_kind(name) for name in kinds}
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise EnvelopeError(f"payload must be bytes, got {type(payload).__name__}")
+    size = len(payload)
+    limit = max(k.max_size for k in schemas.values())
+    if max_size is not None:
+        limit = min(limit, max_size)
+    if size > limit:
+        raise EnvelopeError(f"envelope of {size} bytes exceeds limit {limit}")
+    if size == 0:
+        raise EnvelopeError("empty payload")
+    try:
+        msg = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+            timestamp=0,
+        )
+    except EnvelopeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many types on garbage
+        raise EnvelopeError(f"not a msgpack message: {type(exc).__name__}") from None
+    if not isinstance(msg, dict):
+        raise EnvelopeError(f"envelope must be a map, got {type(msg).__name__}")
+    kind_name = msg.pop("t", None)
+    version = msg.pop("v", None)
+    if not isinstance(kind_name, str):
+        raise EnvelopeError("envelope has no kind ('t')")
+    kind = schemas.get(kind_name)
+    if kind is None:
+        raise EnvelopeError(f"unexpected kind {kind_name!r:.40}; expected one of {sorted(schemas)}")
+    if type(version) is not int or version not in kind.versions:
+        raise EnvelopeError(
+            f"unsupported version {version!r:.20} of {kind_name!r}; "
+            f"supported {sorted(kind.versions)}"
+        )
+    if size > kind.max_size:
+        raise EnvelopeError(f"{kind_name!r} of {size} bytes exceeds limit {kind.max_size}")
+    err = _check_fields(msg, kind.fields)
+    if err:
+        raise EnvelopeError(f"invalid {kind_name!r}: {err}")
+    return Envelope(kind_name, version, msg, size)
+
+
+# Kinds owned by the bus layer itself (generic replies to request/response exchanges).
+register_kind("error", {"request_id": Opt(ID), "code": Str(64, 1), "reason": Str(1024)})

@@ -1,0 +1,1 @@
+"""ciphertwin.cloud_twin."""

@@ -1,0 +1,48 @@
+"""`ciphertwin cloud`: run the cloud twin service for a deployment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+from ciphertwin.errors import ValidationError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("cloud", help="run the cloud twin service")
+    p.add_argument("--config", help="deployment TOML (default $CIPHERTWIN_CONFIG)")
+    p.add_argument("--name", default="cloud", help="the cloud's principal id")
+    p.add_argument("--password-env", default="CIPHERTWIN_CLOUD_PASSWORD",
+                   help="environment variable holding the cloud's broker password")
+    p.add_argument("--workers", type=int, default=0, help="re-encryption processes (0 = cores)")
+    p.set_defaults(func=_run)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    import os
+
+    from ciphertwin.bus.client import BusClient
+    from ciphertwin.cloud_twin.reencryption import ReencryptionPool
+    from ciphertwin.cloud_twin.service import CloudTwin
+    from ciphertwin.cloud_twin.store import open_store
+    from ciphertwin.config.settings import load_deployment
+
+    deployment = load_deployment(args.config)
+    password = os.environ.get(args.password_env)
+    if not deployment.broker.open and not password:
+        raise ValidationError(f"set {args.password_env} to the cloud's broker password")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    bus = BusClient.for_deployment(deployment, client_id=args.name, username=args.name,
+                                   password=password)
+    store = open_store(deployment.storage)
+    async with bus, CloudTwin(bus, store, pool=ReencryptionPool(args.workers or None)):
+        where = (deployment.storage.sqlite_path if deployment.storage.backend == "sqlite"
+                 else "postgresql")
+        print(f"cloud twin running (store: {where}); Ctrl-C stops", flush=True)
+        await stop.wait()
+    return 0

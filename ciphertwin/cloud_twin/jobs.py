@@ -1,0 +1,384 @@
+"""The cloud's job manager (process 6+): validate jobs, re-encrypt share i for node i, track status.
+
+The cloud never opens anything here. For a job it:
+
+1. checks the request (function and parameters, roster known, each owner registered, owns
+   the twin, and holds a stored process token admitting the function class, the receiver key
+   and the current roster — the nodes check all of it again, the cloud only avoids useless work);
+2. takes the twins' stored items in the job window and, per node i, keeps those that node i's
+   grants admit (their policy is ``share:i AND <subset>``, so only share-i items pass), then
+   re-encrypts their capsules for node i on the :class:`ReencryptionPool` — cached per
+   (capsule, grant) in memory and in the store, so a repeated job does no pairing work;
+3. sends each node its chunked inputs (``nodes/{node}/inputs/{job}``), chunk 0 with the spec;
+4. keeps a retained status on ``jobs/{job}/status``: queued → reencrypting (progress) → sent →
+   computing (round k of n, from the nodes' signed reports) → done, or failed with a reason
+   (a node refused, a node reported a failure, or a node went silent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import structlog
+
+from ciphertwin.bus.envelope import Envelope, decode, encode
+from ciphertwin.cloud_twin.grants import ActiveGrant
+from ciphertwin.cloud_twin.trust import Rejected
+from ciphertwin.crypto import wire
+from ciphertwin.crypto.errors import TokenRejected
+from ciphertwin.crypto.signing import VerifyKey
+from ciphertwin.crypto.tokens import ProcessToken, verify_process_token
+from ciphertwin.errors import CipherTwinError, ValidationError
+from ciphertwin.mpc_nodes.engine import expected_rounds
+from ciphertwin.mpc_nodes.functions import get_function
+from ciphertwin.protocol.jobs import (
+    CHUNK_ITEMS,
+    MAX_CHUNK_BYTES,
+    NodeRoster,
+    build_status,
+    default_bindings,
+    parse_roster,
+    unpack_params,
+    verify_status,
+)
+
+if TYPE_CHECKING:
+    from ciphertwin.cloud_twin.service import CloudTwin
+
+log = structlog.get_logger(__name__)
+
+TOKENS_NS = "process_tokens"
+JOBS_NS = "jobs"
+TWIN_BATCH = 64
+HISTORY_PAGE = 5000
+
+
+class JobFailed(CipherTwinError):
+    """A job cannot go on; the message is the published reason."""
+
+
+@dataclass
+class _Tracking:
+    """Reports from the nodes for the job in flight."""
+
+    states: dict[int, str] = field(default_factory=dict)
+    last_report: float = field(default_factory=time.monotonic)
+    failure: str | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class JobManager:
+    """Attached to a :class:`CloudTwin`; jobs run one at a time, in arrival order."""
+
+    def __init__(self, cloud: CloudTwin, *, operator: VerifyKey | None = None,
+                 node_timeout_s: float = 60.0) -> None:
+        self.cloud = cloud
+        self.operator = operator
+        self.node_timeout_s = node_timeout_s
+        self.roster: NodeRoster | None = None
+        self._queue: asyncio.Queue[Envelope] = asyncio.Queue(1000)
+        self._tracking: dict[str, _Tracking] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.timings: dict[str, dict[str, float]] = {}
+        """job -> phase durations in seconds (reencrypt, publish, compute), for benchmarks."""
+
+    async def start(self) -> None:
+        bus, t = self.cloud.bus, self.cloud.topics
+        await bus.subscribe(t.config_nodes(), self._on_roster)
+        await bus.subscribe(t.job_submit(), self._on_submit)
+        await bus.subscribe(t.filter("job_status"), self._on_status)
+        self._task = asyncio.create_task(self._worker(), name="cloud:jobs")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def is_node(self, principal: str) -> bool:
+        """Processing nodes get their inputs per job, never as a live stream."""
+        return self.roster is not None and principal in self.roster.node_ids
+
+    # -- process tokens (control/{owner}, verified by the service first) -----------------
+    async def accept_token(self, owner: str, env: Envelope) -> None:
+        """Store an owner's process token after checking it is really theirs."""
+        known = self.cloud.trust.owners[owner]
+        try:
+            token = ProcessToken.from_bytes(env["token"])
+            verify_process_token(token, known.verify_key, leeway_s=60)
+        except (ValidationError, TokenRejected) as exc:
+            raise Rejected(f"process token refused: {exc}") from None
+        value = wire.canonical({"token": env["token"], "twins": list(env["twins"])})
+        await self.cloud.store.put_kv(TOKENS_NS, f"{owner}/{token.token_id.hex()}", value)
+
+    async def _tokens_by_owner(self, owners: set[str]
+                               ) -> dict[str, list[tuple[ProcessToken, tuple[str, ...]]]]:
+        """Stored tokens of ``owners``, read in one pass (linear in the number of tokens)."""
+        out: dict[str, list[tuple[ProcessToken, tuple[str, ...]]]] = {}
+        for key, value in (await self.cloud.store.list_kv(TOKENS_NS)).items():
+            owner = key.split("/", 1)[0]
+            if owner in owners:
+                entry = _unpack(value)
+                out.setdefault(owner, []).append(
+                    (ProcessToken.from_bytes(entry["token"]), tuple(entry["twins"])))
+        return out
+
+    # -- bus handlers --------------------------------------------------------------------
+    async def _on_roster(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            roster = parse_roster(payload, self.operator)
+        except CipherTwinError as exc:
+            log.warning("jobs.roster_rejected", reason=str(exc))
+            return
+        if self.roster is None or roster.version > self.roster.version:
+            self.roster = roster
+            log.info("jobs.roster", version=roster.version, nodes=list(roster.node_ids))
+
+    async def _on_submit(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            env = decode(payload, "job_submit")
+        except CipherTwinError as exc:
+            log.warning("jobs.submit_rejected", reason=str(exc))
+            return
+        if await self.cloud.store.get_kv(JOBS_NS, env["job"]) is not None:
+            log.info("jobs.duplicate_ignored", job=env["job"])
+            return
+        await self.cloud.store.put_kv(JOBS_NS, env["job"], b"queued")
+        await self._status(env["job"], "queued")
+        try:
+            self._queue.put_nowait(env)
+        except asyncio.QueueFull:
+            await self._status(env["job"], "failed", reason="job queue is full")
+
+    async def _on_status(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Believe only signed reports of roster nodes about the job in flight."""
+        try:
+            env = decode(payload, "job_status")
+        except CipherTwinError:
+            return
+        track = self._tracking.get(env["job"])
+        if track is None or env["by"] == "cloud" or self.roster is None:
+            return
+        index = self.roster.index_of(env["by"])
+        if index is None:
+            return
+        try:
+            verify_status(env, VerifyKey(self.roster.roster[index].sign_public))
+        except CipherTwinError as exc:
+            log.warning("jobs.status_rejected", by=env["by"], reason=str(exc))
+            return
+        track.states[index] = env["state"]
+        track.last_report = time.monotonic()
+        if env["state"] == "failed" and track.failure is None:
+            track.failure = env["reason"] or f"node {env['by']} failed"
+        elif env["state"] == "computing":
+            await self._status(env["job"], "computing", progress=env["progress"],
+                               round_=env["round"], rounds=env["rounds"])
+        track.changed.set()
+
+    async def _status(self, job: str, state: str, **kw: Any) -> None:
+        try:
+            await self.cloud.bus.publish(self.cloud.topics.job_status(job),
+                                         build_status(job, state, "cloud", **kw), retain=True)
+        except CipherTwinError as exc:
+            log.warning("jobs.status_failed", job=job, error=str(exc))
+
+    # -- running jobs --------------------------------------------------------------------
+    async def _worker(self) -> None:
+        while True:
+            env = await self._queue.get()
+            job = env["job"]
+            try:
+                await self._run(env)
+                await self.cloud.store.put_kv(JOBS_NS, job, b"done")
+            except (JobFailed, Rejected, CipherTwinError, ValueError) as exc:
+                reason = str(exc)[:256]
+                log.warning("jobs.failed", job=job, reason=reason)
+                await self.cloud.store.put_kv(JOBS_NS, job, b"failed")
+                await self._status(job, "failed", reason=reason)
+            except Exception as exc:
+                log.exception("jobs.crashed", job=job)
+                await self._status(job, "failed", reason=f"internal error: {type(exc).__name__}")
+            finally:
+                self._tracking.pop(job, None)
+
+    async def _run(self, env: Envelope) -> None:
+        job, t0 = env["job"], time.perf_counter()
+        roster = self.roster
+        if roster is None:
+            raise JobFailed("no node roster is known")
+        fn = get_function(env["function"])
+        params = unpack_params(env["params"])
+        fn.parse(params)
+        tokens = await self._check_owners(env, fn.function_class, roster)
+        twins = [(s["twin"], s["role"]) for s in env["inputs"]]
+        if len({t for t, _ in twins}) != len(twins):
+            raise JobFailed("a twin appears twice in the inputs")
+        per_node = await self._gather(job, env, roster, twins)
+        counts = [{t: n for t, n in node_counts.items()} for _, node_counts in per_node]
+        for twin, _ in twins:
+            seen = [c.get(twin, 0) for c in counts]
+            if len(set(seen)) != 1:
+                raise JobFailed(f"twin {twin}: share items per node {seen} differ (missing grant?)")
+            if seen[0] > env["points"]:
+                raise JobFailed(f"twin {twin}: {seen[0]} items > {env['points']} points")
+        t1 = time.perf_counter()
+        owner_of = {s["twin"]: s["owner"] for s in env["inputs"]}
+        spec = encode("job_spec", {
+            "job": job, "function": env["function"], "params": env["params"],
+            "receiver": env["receiver"], "receiver_key": env["receiver_key"],
+            "roster": roster.digest, "points": env["points"],
+            "bindings": default_bindings(env["function"], params),
+            "twins": [{"twin": t, "role": r, "count": counts[0].get(t, 0),
+                       "owner_key": self.cloud.trust.owners[owner_of[t]].verify_key.raw}
+                      for t, r in twins],
+            "tokens": tokens,
+        })
+        self._tracking[job] = track = _Tracking()
+        for index, (entries, _) in enumerate(per_node):
+            await self._send(job, roster.node_ids[index], spec, entries)
+        t2 = time.perf_counter()
+        await self._status(job, "sent", progress=0.0,
+                           rounds=expected_rounds(env["function"], params))
+        await self._await_nodes(job, track)
+        self.timings[job] = {"reencrypt_s": t1 - t0, "publish_s": t2 - t1,
+                             "compute_s": time.perf_counter() - t2}
+        await self._status(job, "done", progress=1.0)
+        log.info("jobs.done", job=job, **self.timings[job])
+
+    async def _check_owners(self, env: Envelope, function_class: str, roster: NodeRoster) -> list[bytes]:
+        chosen: list[bytes] = []
+        owners = {s["owner"] for s in env["inputs"]}
+        stored = await self._tokens_by_owner(owners)
+        twins_of: dict[str, list[str]] = {}
+        for s in env["inputs"]:
+            twins_of.setdefault(s["owner"], []).append(s["twin"])
+        for owner in sorted(owners):
+            if owner not in self.cloud.trust.owners:
+                raise JobFailed(f"owner {owner} is not registered")
+            mine = twins_of[owner]
+            for twin in mine:
+                o = self.cloud.trust.owner_of_twin(twin)
+                if o is None or o.name != owner:
+                    raise JobFailed(f"twin {twin} is not a twin of {owner}")
+            reason = "no process token"
+            for token, token_twins in stored.get(owner, []):
+                try:
+                    verify_process_token(token, token.issuer, function_class=function_class,
+                                         receiver=env["receiver_key"], roster=roster.digest,
+                                         leeway_s=60)
+                except TokenRejected as exc:
+                    reason = exc.reason
+                    continue
+                if not set(mine) <= set(token_twins):
+                    reason = "token does not cover all requested twins"
+                    continue
+                chosen.append(token.to_bytes())
+                break
+            else:
+                raise JobFailed(f"owner {owner}: {reason} for this job")
+        return chosen
+
+    async def _gather(self, job: str, env: Envelope, roster: NodeRoster,
+                      twins: Sequence[tuple[str, str]]
+                      ) -> list[tuple[list[dict[str, bytes]], dict[str, int]]]:
+        """Per node: (re-encrypted inputs, items per twin)."""
+        cloud = self.cloud
+        out: list[tuple[list[dict[str, bytes]], dict[str, int]]] = [([], {}) for _ in range(3)]
+        done = 0
+        last_report = 0.0
+        for start in range(0, len(twins), TWIN_BATCH):
+            batch = twins[start:start + TWIN_BATCH]
+            rows_by_twin = {t: await self._history(t, env["since"], env["until"]) for t, _ in batch}
+            capsules = await cloud.store.get_capsules(
+                list({r.capsule_id for rows in rows_by_twin.values() for r in rows}))
+            chosen: list[tuple[int, Any, ActiveGrant]] = []
+            for index, node in enumerate(roster.node_ids):
+                for twin, rows in rows_by_twin.items():
+                    grants = cloud.grants.of_receiver(node, twin)
+                    memo: dict[tuple[str, ...], ActiveGrant | None] = {}  # attrs repeat per epoch
+                    for r in rows:
+                        attrs = tuple(r.attributes)
+                        if attrs in memo:
+                            g = memo[attrs]
+                        else:
+                            g = memo[attrs] = _admitting(grants, attrs)
+                        if g is None:
+                            continue
+                        if f"share:{index}" not in r.attributes:
+                            raise JobFailed(f"grant {g.grant_id} of node {node} admits "
+                                            "another share index — refusing the job")
+                        chosen.append((index, r, g))
+            # one pool call for all three nodes: the workers stay busy across node boundaries
+            keys = await cloud._recapsules_for([(r.capsule_id, g) for _, r, g in chosen], capsules)
+            for index, r, g in chosen:
+                key = keys.get((r.capsule_id, g.grant_id))
+                if key is not None:
+                    entries, counts = out[index]
+                    entries.append({"item": r.payload, "key": key})
+                    counts[r.twin] = counts.get(r.twin, 0) + 1
+            done += len(batch)
+            now = time.monotonic()
+            if now - last_report > 0.3 or done == len(twins):
+                last_report = now
+                await self._status(job, "reencrypting", progress=done / len(twins))
+        return out
+
+    async def _history(self, twin: str, since: float, until: float) -> list[Any]:
+        rows: list[Any] = []
+        after = None
+        while True:
+            page = await self.cloud.store.history(twin, since, until, HISTORY_PAGE, after)
+            rows.extend(page)
+            if len(page) < HISTORY_PAGE:
+                return rows
+            last = page[-1]
+            after = (last.item_time, last.device, last.seq)
+
+    async def _send(self, job: str, node: str, spec: bytes, entries: list[dict[str, bytes]]) -> None:
+        chunks: list[list[dict[str, bytes]]] = [[]]
+        size = len(spec)
+        for e in entries:
+            n = len(e["item"]) + len(e["key"]) + 16
+            if chunks[-1] and (len(chunks[-1]) >= CHUNK_ITEMS or size + n > MAX_CHUNK_BYTES):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(e)
+            size += n
+        topic = self.cloud.topics.node_inputs(node, job)
+        for i, chunk in enumerate(chunks):
+            body: dict[str, Any] = {"job": job, "chunk": i, "chunks": len(chunks), "items": chunk}
+            if i == 0:
+                body["spec"] = spec
+            await self.cloud.bus.publish(topic, encode("node_inputs", body))
+
+    async def _await_nodes(self, job: str, track: _Tracking) -> None:
+        while True:
+            if track.failure is not None:
+                raise JobFailed(track.failure)
+            if len(track.states) == 3 and all(s == "delivered" for s in track.states.values()):
+                return
+            track.changed.clear()
+            try:
+                await asyncio.wait_for(track.changed.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+            if time.monotonic() - track.last_report > self.node_timeout_s:
+                silent = sorted(set(range(3)) - {i for i, s in track.states.items()
+                                                 if s == "delivered"})
+                raise JobFailed(f"node(s) {silent} silent for {self.node_timeout_s:.0f} s")
+
+
+def _admitting(grants: Sequence[ActiveGrant], attributes: tuple[str, ...]) -> ActiveGrant | None:
+    return next((g for g in grants if g.policy.allows(attributes)), None)
+
+
+def _unpack(value: bytes) -> dict[str, Any]:
+    entry = msgpack.unpackb(value, raw=False)
+    if not isinstance(entry, dict):
+        raise ValidationError("stored process token entry is malformed")
+    return entry

@@ -1,0 +1,269 @@
+"""The cloud twin service: stores what devices send, shares it as owners allow.
+
+It holds ciphertexts, public keys, tokens and re-encryption keys — never a plaintext or a
+secret key. Subscriptions:
+
+* ``twins/+/data``   → ingest (check, store, ack) → live fan-out to the owner and grantees;
+* ``control/+``      → owner registration, grants and revocations (signed by the owner);
+* ``queries/+``      → history, answered on ``replies/{asker}/{request_id}``, each item with
+  the key material the asker can open (its own capsule for the owner, a re-encrypted capsule
+  for a grantee; items no grant of the asker admits are left out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from ciphertwin.bus.client import BusClient
+from ciphertwin.bus.envelope import Envelope, decode, encode
+from ciphertwin.bus.topics import Topics
+from ciphertwin.cloud_twin.grants import ActiveGrant, GrantBook
+from ciphertwin.cloud_twin.ingest import AcceptedItem, IngestPipeline
+from ciphertwin.cloud_twin.jobs import JobManager
+from ciphertwin.cloud_twin.reencryption import ReencryptionPool
+from ciphertwin.cloud_twin.store import Grant, StoredEnvelope, TwinStore
+from ciphertwin.cloud_twin.trust import Rejected, TrustRegistry
+from ciphertwin.crypto.errors import SignatureInvalid
+from ciphertwin.crypto.kpcpre import PrePublicKey, ReKey
+from ciphertwin.crypto.policy import Policy
+from ciphertwin.crypto.signing import VerifyKey
+from ciphertwin.errors import ValidationError
+from ciphertwin.protocol.control import control_request_id, verify_control
+from ciphertwin.protocol.kinds import CONTROL_KINDS
+
+log = structlog.get_logger(__name__)
+
+MAX_HISTORY_PAGE = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    """A stored item with the key material one reader can open it with."""
+
+    item: StoredEnvelope
+    key: bytes
+    grant_id: str | None
+
+
+class CloudTwin:
+    """Run with ``async with CloudTwin(...) as cloud: await cloud.serve_forever()``."""
+
+    def __init__(self, bus: BusClient, store: TwinStore, *,
+                 pool: ReencryptionPool | None = None) -> None:
+        self.bus, self.store = bus, store
+        self.topics: Topics = bus.topics
+        self.trust = TrustRegistry(store)
+        self.grants = GrantBook(store)
+        self.pool = pool or ReencryptionPool()
+        self.ingest = IngestPipeline(store, self.trust, self._publish_ack, self._fan_out,
+                                     executor=self.pool.executor)
+        self._recapsules: OrderedDict[tuple[bytes, str], bytes] = OrderedDict()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.jobs = JobManager(self)  # processing jobs (6+); set jobs.operator to pin the roster key
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def __aenter__(self) -> CloudTwin:
+        await self.store.open()
+        await self.trust.load()
+        await self.grants.load()
+        self._tasks.append(asyncio.create_task(self.ingest.run(), name="cloud:ingest"))
+        t = self.topics
+        await self.bus.subscribe(t.filter("twin_data"), self._on_data)
+        await self.bus.subscribe(t.filter("control"), self._on_control)
+        await self.bus.subscribe(t.filter("query"), self._on_query, concurrency=4)
+        await self.jobs.start()
+        log.info("cloud.started", owners=len(self.trust.owners))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.jobs.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.pool.close()
+        await self.store.close()
+
+    # -- data ---------------------------------------------------------------------------
+    async def _on_data(self, topic: str, payload: bytes, retain: bool) -> None:
+        twin = self.topics.parse(topic)["twin"]
+        await self.ingest.submit(twin, payload)
+
+    async def _publish_ack(self, twin: str, device: str, payload: bytes) -> None:
+        await self.bus.publish(self.topics.ack(twin, device), payload)
+
+    async def _fan_out(self, items: list[AcceptedItem]) -> None:
+        """Live stream: new items to their owner, re-encrypted to matching grantees — one
+        message per (twin, reader) per ingest batch."""
+        capsules = await self.store.get_capsules([i.capsule_id for i in items])
+        batches: dict[tuple[str, str, str | None], list[dict[str, bytes]]] = {}
+        for item in items:
+            batches.setdefault((item.twin, item.owner.name, None), []).append(
+                {"item": item.payload, "key": capsules[item.capsule_id]})
+        wanted = [(item, g) for item in items
+                  for g in self.grants.matching(item.twin, item.attributes)
+                  if not self.jobs.is_node(g.grant.receiver)]  # nodes get inputs per job
+        keys = await self._recapsules_for([(i.capsule_id, g) for i, g in wanted], capsules)
+        for item, grant in wanted:
+            key = keys.get((item.capsule_id, grant.grant_id))
+            if key is not None and self.grants.get(grant.grant_id) is not None:
+                batches.setdefault((item.twin, grant.grant.receiver, grant.grant_id), []).append(
+                    {"item": item.payload, "key": key})
+        await asyncio.gather(*(self._stream(twin, reader, entries, grant_id)
+                               for (twin, reader, grant_id), entries in batches.items()))
+
+    async def _stream(self, twin: str, reader: str, entries: list[dict[str, bytes]],
+                      grant_id: str | None) -> None:
+        for start in range(0, len(entries), 1000):
+            body: dict[str, object] = {"items": entries[start : start + 1000]}
+            if grant_id is not None:
+                body["grant_id"] = grant_id
+            try:  # QoS 0: the live view is best effort; history is the reliable path
+                await self.bus.publish(self.topics.stream(twin, reader),
+                                       encode("stream_items", body), qos=0)
+            except Exception as exc:  # noqa: BLE001 - never let the live view stop ingest
+                log.warning("cloud.stream_failed", twin=twin, reader=reader, error=str(exc))
+
+    async def _recapsules_for(
+        self, wanted: Sequence[tuple[bytes, ActiveGrant]], capsules: dict[bytes, bytes]
+    ) -> dict[tuple[bytes, str], bytes]:
+        """Re-encrypted capsules for (capsule, grant) pairs: memory, store, then the pool."""
+        unique = list(dict.fromkeys(wanted))
+        found = {k: v for cid, g in unique
+                 if (v := self._recapsules.get(k := (cid, g.grant_id))) is not None}
+        missing = [(cid, g.grant_id) for cid, g in unique if (cid, g.grant_id) not in found]
+        if missing:
+            found.update(await self.store.cached_recapsules(missing))
+        todo = [(cid, g) for cid, g in unique if (cid, g.grant_id) not in found]
+        if todo:
+            missing = [cid for cid, _ in todo if cid not in capsules]
+            if missing:
+                capsules = {**capsules, **await self.store.get_capsules(missing)}
+            results = await self.pool.reencrypt(
+                [(g.grant.rekey, capsules[cid]) for cid, g in todo]
+            )
+            fresh: list[tuple[bytes, str, bytes]] = []
+            for (cid, grant), result in zip(todo, results, strict=True):
+                if isinstance(result, str):
+                    log.warning("cloud.reencrypt_refused", grant=grant.grant_id, reason=result)
+                    continue
+                found[(cid, grant.grant_id)] = result
+                fresh.append((cid, grant.grant_id, result))
+            await self.store.cache_recapsules(fresh)
+        for key, value in found.items():
+            self._recapsules[key] = value
+            if len(self._recapsules) > 50_000:
+                self._recapsules.popitem(last=False)
+        return found
+
+    # -- control ------------------------------------------------------------------------
+    async def _on_control(self, topic: str, payload: bytes, retain: bool) -> None:
+        owner = self.topics.parse(topic)["owner"]
+        request_id = None
+        try:
+            env = decode(payload, (*CONTROL_KINDS, "process_token"))
+            request_id = control_request_id(env)
+            if env["owner"] != owner:
+                raise Rejected("control message names another owner than its topic")
+            await self._apply_control(owner, env)
+            await self._control_result(owner, request_id, True, "ok")
+            log.info("cloud.control_applied", owner=owner, kind=env.kind, request=request_id)
+        except (Rejected, ValidationError, SignatureInvalid) as exc:
+            reason = exc.reason if isinstance(exc, Rejected) else f"{type(exc).__name__}: {exc}"
+            log.warning("cloud.control_rejected", owner=owner, reason=reason)
+            if request_id is not None:
+                await self._control_result(owner, request_id, False, reason)
+
+    async def _apply_control(self, owner: str, env: Envelope) -> None:
+        if env.kind == "owner_register":
+            vk = VerifyKey(env["verify_key"])
+            verify_control(env, vk)  # proves possession of the signing key
+            await self.trust.register_owner(owner, vk, PrePublicKey.from_bytes(env["pre_pk"]))
+            return
+        known = self.trust.owners.get(owner)
+        if known is None:
+            raise Rejected("owner is not registered")
+        verify_control(env, known.verify_key)
+        await self.trust.accept_control_time(owner, float(env["time"]))
+        if env.kind == "grant":
+            rekey = ReKey.from_bytes(env["rekey"])
+            if rekey.owner_id != known.pre_pk.key_id:
+                raise Rejected("re-encryption key is not from this owner's key")
+            if str(rekey.policy) != str(Policy.parse(env["policy"])):
+                raise Rejected("policy text differs from the re-encryption key's policy")
+            foreign = [t for t in env["twins"]
+                       if (o := self.trust.owner_of_twin(t)) is not None and o.name != owner]
+            if foreign:
+                raise Rejected(f"twins of another owner: {', '.join(foreign[:5])}")
+            if not await self.grants.install(Grant(
+                env["grant_id"], owner, env["receiver"], tuple(env["twins"]),
+                str(rekey.policy), env["rekey"], time.time(),
+            )):
+                raise Rejected("grant id is in use by another owner")
+            self._forget_recapsules(env["grant_id"])
+        elif env.kind == "process_token":
+            await self.jobs.accept_token(owner, env)
+        elif env.kind == "revoke":
+            if not await self.grants.revoke(owner, env["grant_id"], time.time()):
+                raise Rejected("no such active grant of this owner")
+            self._forget_recapsules(env["grant_id"])
+
+    def _forget_recapsules(self, grant_id: str) -> None:
+        self._recapsules = OrderedDict(
+            (k, v) for k, v in self._recapsules.items() if k[1] != grant_id)
+
+    async def _control_result(self, owner: str, request_id: str, ok: bool, reason: str) -> None:
+        body = {"request_id": request_id, "ok": ok, "reason": reason[:256]}
+        await self.bus.publish(self.topics.replies(owner, request_id),
+                               encode("control_result", body))
+
+    # -- queries ------------------------------------------------------------------------
+    async def _on_query(self, topic: str, payload: bytes, retain: bool) -> None:
+        asker = self.topics.parse(topic)["principal"]
+        try:
+            env = decode(payload, "history_query")
+        except ValidationError as exc:
+            log.warning("cloud.query_rejected", asker=asker, reason=str(exc))
+            return
+        if self.jobs.is_node(asker):  # nodes get share items per job, under process tokens
+            log.warning("cloud.query_rejected", asker=asker, reason="processing nodes have no history")
+            await self.bus.publish(self.topics.replies(asker, env["request_id"]), encode(
+                "history_reply", {"request_id": env["request_id"], "items": []}))
+            return
+        after = env.get("after")
+        rows = await self.store.history(
+            env["twin"], env["since"], env["until"], min(env["limit"], MAX_HISTORY_PAGE),
+            (after["time"], after["device"], after["seq"]) if after else None,
+        )
+        keyed = await self.readable(asker, env["twin"], rows)
+        body: dict[str, object] = {
+            "request_id": env["request_id"],
+            "items": [{"item": k.item.payload, "key": k.key} for k in keyed],
+        }
+        if len(rows) == min(env["limit"], MAX_HISTORY_PAGE) and rows:
+            last = rows[-1]
+            body["more"] = {"time": last.item_time, "device": last.device, "seq": last.seq}
+        await self.bus.publish(self.topics.replies(asker, env["request_id"]),
+                               encode("history_reply", body))
+        log.info("cloud.history_served", asker=asker, twin=env["twin"], items=len(keyed),
+                 of=len(rows))
+
+    async def readable(self, reader: str, twin: str,
+                       rows: Sequence[StoredEnvelope]) -> list[Keyed]:
+        """The rows ``reader`` may read, each with key material for it (owner or grantee)."""
+        capsules = await self.store.get_capsules([r.capsule_id for r in rows])
+        owner = self.trust.owner_of_twin(twin)
+        if owner is not None and owner.name == reader:
+            return [Keyed(r, capsules[r.capsule_id], None) for r in rows]
+        grants = self.grants.of_receiver(reader, twin)
+        chosen = [(r, next((g for g in grants if g.policy.allows(r.attributes)), None))
+                  for r in rows]
+        pairs = [(r.capsule_id, g) for r, g in chosen if g is not None]
+        keys = await self._recapsules_for(pairs, capsules)
+        return [Keyed(r, keys[(r.capsule_id, g.grant_id)], g.grant_id) for r, g in chosen
+                if g is not None and (r.capsule_id, g.grant_id) in keys]

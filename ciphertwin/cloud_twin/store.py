@@ -1,0 +1,371 @@
+"""The cloud twin's durable store: an append-only, idempotent envelope log plus grants.
+
+The cloud is untrusted with data, so everything stored here is ciphertext, public keys,
+signed tokens and re-encryption keys — never a plaintext or a secret key. The store only
+knows bytes and ids; the cloud service interprets them.
+
+Idempotence: an envelope is identified by (twin, device, seq) — device names are the
+twin owner's to give, so they are unique only within a twin. Storing the same envelope twice is a
+no-op that still reports it as stored (so a replayed outbox gets its acknowledgement); storing
+a *different* envelope under an existing (twin, device, seq) is a conflict and is refused.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import aiosqlite
+
+from ciphertwin.config.settings import StorageSettings
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEnvelope:
+    """One data envelope as the cloud keeps it (opaque, signed ciphertext)."""
+
+    twin: str
+    device: str
+    seq: int
+    capsule_id: bytes
+    attributes: tuple[str, ...]
+    item_time: float
+    payload: bytes  # the complete signed envelope bytes, re-sent as-is to readers
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A re-encryption key installed by an owner for one receiver over some twins."""
+
+    grant_id: str
+    owner: str
+    receiver: str
+    twins: tuple[str, ...]
+    policy: str
+    rekey: bytes
+    created: float
+    revoked: float | None = None
+
+
+class Outcome(StrEnum):
+    """What storing one envelope did; NEW and DUPLICATE are both durably stored."""
+
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+
+
+class TwinStore(abc.ABC):
+    """What the cloud service needs from storage; SQLite by default."""
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def append_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> list[Outcome]:
+        """Commit a batch; per input NEW, DUPLICATE (identical bytes already stored) or CONFLICT."""
+
+    @abc.abstractmethod
+    async def put_capsules(self, rows: Sequence[tuple[bytes, str, tuple[str, ...], bytes]]) -> None:
+        """(capsule_id, twin, attributes, capsule bytes) rows; existing ids are kept."""
+
+    @abc.abstractmethod
+    async def get_capsules(self, capsule_ids: Sequence[bytes]) -> dict[bytes, bytes]: ...
+
+    @abc.abstractmethod
+    async def capsule_info(
+        self, capsule_ids: Sequence[bytes]
+    ) -> dict[bytes, tuple[str, tuple[str, ...]]]:
+        """capsule_id -> (twin it was stored for, its attributes)."""
+
+    @abc.abstractmethod
+    async def history(
+        self, twin: str, since: float = 0.0, until: float = float("inf"), limit: int = 1000,
+        after: tuple[float, str, int] | None = None,
+    ) -> list[StoredEnvelope]:
+        """Envelopes of a twin by item time; `after` is the (item_time, device, seq) cursor
+        of the previous page's last row."""
+
+    @abc.abstractmethod
+    async def put_grant(self, grant: Grant) -> None: ...
+
+    @abc.abstractmethod
+    async def revoke_grant(self, owner: str, grant_id: str, at: float) -> bool: ...
+
+    @abc.abstractmethod
+    async def active_grants(self) -> list[Grant]: ...
+
+    @abc.abstractmethod
+    async def put_kv(self, namespace: str, key: str, value: bytes) -> None:
+        """Small registry records: owner keys, write tokens, process tokens."""
+
+    @abc.abstractmethod
+    async def get_kv(self, namespace: str, key: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def list_kv(self, namespace: str) -> dict[str, bytes]: ...
+
+    @abc.abstractmethod
+    async def cached_recapsules(
+        self, pairs: Sequence[tuple[bytes, str]]
+    ) -> dict[tuple[bytes, str], bytes]:
+        """Re-encrypted capsules already made for these (capsule_id, grant_id) pairs."""
+
+    @abc.abstractmethod
+    async def cache_recapsules(self, rows: Sequence[tuple[bytes, str, bytes]]) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS envelopes (
+    device     TEXT    NOT NULL,
+    seq        INTEGER NOT NULL,
+    twin       TEXT    NOT NULL,
+    capsule_id BLOB    NOT NULL,
+    attributes TEXT    NOT NULL,
+    item_time  REAL    NOT NULL,
+    payload    BLOB    NOT NULL,
+    stored_at  REAL    NOT NULL,
+    PRIMARY KEY (twin, device, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS envelopes_by_twin_time ON envelopes (twin, item_time, device, seq);
+CREATE TABLE IF NOT EXISTS capsules (
+    capsule_id BLOB PRIMARY KEY,
+    twin       TEXT NOT NULL,
+    attributes TEXT NOT NULL,
+    data       BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS grants (
+    grant_id TEXT PRIMARY KEY,
+    owner    TEXT NOT NULL,
+    receiver TEXT NOT NULL,
+    twins    TEXT NOT NULL,
+    policy   TEXT NOT NULL,
+    rekey    BLOB NOT NULL,
+    created  REAL NOT NULL,
+    revoked  REAL
+);
+CREATE TABLE IF NOT EXISTS kv (
+    namespace TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    value     BLOB NOT NULL,
+    PRIMARY KEY (namespace, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS recapsules (
+    capsule_id BLOB NOT NULL,
+    grant_id   TEXT NOT NULL,
+    data       BLOB NOT NULL,
+    PRIMARY KEY (capsule_id, grant_id)
+) WITHOUT ROWID;
+"""
+
+_SEP = "\x1f"  # attribute separator: attributes are validated never to contain control chars
+
+
+class SqliteTwinStore(TwinStore):
+    """aiosqlite in WAL mode: one file, durable on commit (synchronous=FULL)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=FULL")
+        await self._db.executescript(_SCHEMA)
+        await self._db.commit()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def append_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> list[Outcome]:
+        now = time.time()
+        before = self.db.total_changes
+        await self.db.executemany(
+            "INSERT OR IGNORE INTO envelopes VALUES (?,?,?,?,?,?,?,?)",
+            [
+                (e.device, e.seq, e.twin, e.capsule_id, _SEP.join(e.attributes), e.item_time,
+                 e.payload, now)
+                for e in envelopes
+            ],
+        )
+        await self.db.commit()
+        if self.db.total_changes - before == len(envelopes):
+            return [Outcome.NEW] * len(envelopes)  # every row was new: the common, fast path
+        # Some were already there: tell identical duplicates (replays) from conflicts. Rows
+        # inserted by this very batch are NEW; within one batch the first copy wins.
+        stored = await self._stored_rows([(e.twin, e.device, e.seq) for e in envelopes])
+        outcome: list[Outcome] = []
+        seen: set[tuple[str, str, int]] = set()
+        for e in envelopes:
+            key = (e.twin, e.device, e.seq)
+            row = stored.get(key)
+            if row is None or row[0] != e.payload:
+                outcome.append(Outcome.CONFLICT)
+            elif key in seen or row[1] < now:
+                outcome.append(Outcome.DUPLICATE)
+            else:
+                outcome.append(Outcome.NEW)
+            seen.add(key)
+        return outcome
+
+    async def _stored_rows(
+        self, keys: Sequence[tuple[str, str, int]]
+    ) -> dict[tuple[str, str, int], tuple[bytes, float]]:
+        """(payload, stored_at) of the given (twin, device, seq) keys."""
+        rows = await self._rows_by_key(
+            "SELECT twin, device, seq, payload, stored_at FROM envelopes "
+            "WHERE (twin, device, seq)", keys)
+        return {(w, d, s): (bytes(p), t) for w, d, s, p, t in rows}
+
+    async def _rows_by_key(self, select: str, keys: Sequence[tuple[object, ...]]) -> list[tuple]:  # type: ignore[type-arg]
+        """Rows of ``select … WHERE (a, b, …)`` IN the given keys, a few hundred per query."""
+        rows: list[tuple] = []  # type: ignore[type-arg]
+        unique = list(dict.fromkeys(keys))
+        for i in range(0, len(unique), 300):
+            chunk = unique[i : i + 300]
+            values = ",".join("(" + ",".join("?" * len(key)) + ")" for key in chunk)
+            async with self.db.execute(f"{select} IN (VALUES {values})",
+                                       [v for key in chunk for v in key]) as cur:
+                rows += await cur.fetchall()
+        return rows
+
+    async def put_capsules(self, rows: Sequence[tuple[bytes, str, tuple[str, ...], bytes]]) -> None:
+        await self.db.executemany(
+            "INSERT OR IGNORE INTO capsules VALUES (?,?,?,?)",
+            [(cid, twin, _SEP.join(attrs), data) for cid, twin, attrs, data in rows],
+        )
+        await self.db.commit()
+
+    async def _capsule_rows(self, columns: str, capsule_ids: Sequence[bytes]) -> list[tuple]:  # type: ignore[type-arg]
+        rows: list[tuple] = []  # type: ignore[type-arg]
+        ids = list(dict.fromkeys(capsule_ids))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            async with self.db.execute(
+                f"SELECT capsule_id, {columns} FROM capsules WHERE capsule_id IN ({marks})", chunk
+            ) as cur:
+                rows += await cur.fetchall()
+        return rows
+
+    async def get_capsules(self, capsule_ids: Sequence[bytes]) -> dict[bytes, bytes]:
+        return {bytes(cid): bytes(data) for cid, data in await self._capsule_rows("data", capsule_ids)}
+
+    async def capsule_info(
+        self, capsule_ids: Sequence[bytes]
+    ) -> dict[bytes, tuple[str, tuple[str, ...]]]:
+        rows = await self._capsule_rows("twin, attributes", capsule_ids)
+        return {bytes(cid): (twin, tuple(attrs.split(_SEP))) for cid, twin, attrs in rows}
+
+    async def history(
+        self, twin: str, since: float = 0.0, until: float = float("inf"), limit: int = 1000,
+        after: tuple[float, str, int] | None = None,
+    ) -> list[StoredEnvelope]:
+        sql = ("SELECT twin, device, seq, capsule_id, attributes, item_time, payload "
+               "FROM envelopes WHERE twin=? AND item_time>=? AND item_time<=?")
+        args: list[object] = [twin, since, min(until, 1e18)]
+        if after is not None:
+            sql += " AND (item_time, device, seq) > (?, ?, ?)"
+            args += list(after)
+        sql += " ORDER BY item_time, device, seq LIMIT ?"
+        args.append(limit)
+        async with self.db.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        return [_row_to_envelope(r) for r in rows]
+
+    async def put_grant(self, grant: Grant) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO grants VALUES (?,?,?,?,?,?,?,?)",
+            (grant.grant_id, grant.owner, grant.receiver, _SEP.join(grant.twins), grant.policy,
+             grant.rekey, grant.created, grant.revoked),
+        )
+        await self.db.commit()
+
+    async def revoke_grant(self, owner: str, grant_id: str, at: float) -> bool:
+        cur = await self.db.execute(
+            "UPDATE grants SET revoked=? WHERE grant_id=? AND owner=? AND revoked IS NULL",
+            (at, grant_id, owner),
+        )
+        await self.db.execute(
+            "DELETE FROM recapsules WHERE grant_id=?", (grant_id,)
+        )
+        await self.db.commit()
+        return cur.rowcount > 0
+
+    async def active_grants(self) -> list[Grant]:
+        async with self.db.execute(
+            "SELECT grant_id, owner, receiver, twins, policy, rekey, created, revoked "
+            "FROM grants WHERE revoked IS NULL"
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            Grant(r[0], r[1], r[2], tuple(r[3].split(_SEP)) if r[3] else (), r[4], bytes(r[5]),
+                  r[6], r[7])
+            for r in rows
+        ]
+
+    async def put_kv(self, namespace: str, key: str, value: bytes) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO kv VALUES (?,?,?)", (namespace, key, value)
+        )
+        await self.db.commit()
+
+    async def get_kv(self, namespace: str, key: str) -> bytes | None:
+        async with self.db.execute(
+            "SELECT value FROM kv WHERE namespace=? AND key=?", (namespace, key)
+        ) as cur:
+            row = await cur.fetchone()
+        return bytes(row[0]) if row else None
+
+    async def list_kv(self, namespace: str) -> dict[str, bytes]:
+        async with self.db.execute(
+            "SELECT key, value FROM kv WHERE namespace=?", (namespace,)
+        ) as cur:
+            return {k: bytes(v) async for k, v in cur}
+
+    async def cached_recapsules(
+        self, pairs: Sequence[tuple[bytes, str]]
+    ) -> dict[tuple[bytes, str], bytes]:
+        rows = await self._rows_by_key(
+            "SELECT capsule_id, grant_id, data FROM recapsules WHERE (capsule_id, grant_id)", pairs)
+        return {(bytes(c), g): bytes(d) for c, g, d in rows}
+
+    async def cache_recapsules(self, rows: Sequence[tuple[bytes, str, bytes]]) -> None:
+        await self.db.executemany("INSERT OR IGNORE INTO recapsules VALUES (?,?,?)", rows)
+        await self.db.commit()
+
+
+def _row_to_envelope(r: Sequence[object]) -> StoredEnvelope:
+    attrs = str(r[4])
+    return StoredEnvelope(
+        twin=str(r[0]), device=str(r[1]), seq=int(r[2]), capsule_id=bytes(r[3]),  # type: ignore[arg-type]
+        attributes=tuple(attrs.split(_SEP)) if attrs else (), item_time=float(r[5]),  # type: ignore[arg-type]
+        payload=bytes(r[6]),  # type: ignore[arg-type]
+    )
+
+
+def open_store(settings: StorageSettings) -> TwinStore:
+    """The deployment's store (not yet opened): one SQLite file, or PostgreSQL when several
+    cloud workers must share the log."""
+    if settings.backend == "postgres":
+        from ciphertwin.cloud_twin.store_postgres import PostgresTwinStore  # avoids an import cycle
+
+        return PostgresTwinStore(settings.postgres_dsn)
+    return SqliteTwinStore(settings.sqlite_path)

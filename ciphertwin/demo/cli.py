@@ -1,0 +1,51 @@
+"""`ciphertwin demo …`: one-command demonstrations on the embedded broker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+from urllib.parse import urlparse
+
+
+def broker_address(text: str) -> tuple[str, int] | None:
+    """``--broker`` of a demo: None for ``embedded``, else (host, port) of ``mqtt://host:port``."""
+    if text == "embedded":
+        return None
+    url = urlparse(text)
+    if url.scheme != "mqtt" or not url.hostname:
+        raise SystemExit("--broker must be 'embedded' or mqtt://host:port")
+    return (url.hostname, url.port or 1883)
+
+
+def register(subparsers: Any) -> None:
+    demo = subparsers.add_parser("demo", help="run a self-checking demonstration")
+    kinds = demo.add_subparsers(dest="demo", metavar="DEMO", required=True)
+    twin = kinds.add_parser("twin", help="sync, share a subset, revoke — on the embedded broker")
+    twin.add_argument("--readings", type=int, default=20, help="readings per device")
+    twin.add_argument("--json", action="store_true", help="print a JSON report")
+    twin.add_argument("--broker", default="embedded",
+                      help="embedded (default) or mqtt://host:port of an open broker")
+    twin.set_defaults(func=_twin)
+    try:
+        from ciphertwin.demo.ct_cli import add_contact_tracing
+    except ModuleNotFoundError:  # the processing demo is optional until it lands
+        return
+    add_contact_tracing(kinds)
+
+
+async def _twin(args: argparse.Namespace) -> int:
+    from ciphertwin.demo.twin import print_report, run_demo
+    from ciphertwin.log import configure_logging
+
+    if args.log_level == "INFO":  # a demo prints a report; service chatter only on request
+        configure_logging(json=args.log_json, level="WARNING")
+    if not 1 <= args.readings <= 10_000:
+        raise SystemExit("--readings must be within 1..10000")
+    external = broker_address(args.broker)
+    report = await run_demo(args.readings, external)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print_report(report)
+    return 0 if report.ok else 1

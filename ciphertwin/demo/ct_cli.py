@@ -1,0 +1,51 @@
+"""``ciphertwin demo contact-tracing``: registered by the lead's ``demo/cli.py`` via
+:func:`add_contact_tracing`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ciphertwin.demo.cli import broker_address
+
+
+def add_contact_tracing(demo_subparsers: Any) -> None:
+    p = demo_subparsers.add_parser(
+        "contact-tracing", help="2+, 3+ and 6+ end to end: MPC contact tracing over MQTT")
+    p.add_argument("--users", type=int, default=10)
+    p.add_argument("--points", type=int, default=50)
+    p.add_argument("--key-epochs", type=int, default=50,
+                   help="distinct data keys per user (1 = one per day)")
+    p.add_argument("--radius", type=float, default=5.0, help="metres")
+    p.add_argument("--rtt-ms", type=float, default=30.0,
+                   help="round-trip time imposed on node-to-node frames (bus-layer delay)")
+    p.add_argument("--broker", default="embedded", help="embedded or mqtt://host:port (open)")
+    p.add_argument("--paths", type=Path, help="CSV user,epoch,x,y (metres)")
+    p.add_argument("--reference", type=Path, help="CSV epoch,x,y of the reference path")
+    p.add_argument("--repeat", action="store_true", help="run the job twice (cache effect)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from ciphertwin.demo.contact_tracing import format_report, load_paths, run_demo
+    from ciphertwin.log import configure_logging
+
+    if args.log_level == "INFO":
+        configure_logging(json=args.log_json, level="WARNING")
+    broker = broker_address(args.broker)
+    if (args.paths is None) != (args.reference is None):
+        raise SystemExit("--paths and --reference go together")
+    if not 1 <= args.users <= 100_000 or not 1 <= args.points <= 1440:
+        raise SystemExit("--users 1..100000, --points 1..1440")
+    paths = load_paths(args.paths, args.reference) if args.paths else None
+    report = await run_demo(users=args.users, points=args.points, key_epochs=args.key_epochs,
+                            radius=args.radius, rtt_ms=args.rtt_ms, broker=broker,
+                            paths=paths, repeat=args.repeat)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        print(format_report(report))
+    return 0 if report.checked else 1

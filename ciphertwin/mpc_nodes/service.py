@@ -1,0 +1,391 @@
+"""Processing node service (process 6+, ``ciphertwin node --index i``).
+
+A node trusts neither the broker nor the cloud. For every job it:
+
+1. follows the operator-signed roster on ``config/nodes`` (hot swap: a new version replaces
+   the old at once; a node not listed at its index takes no jobs);
+2. collects the job's input chunks from ``nodes/{me}/inputs/{job}``;
+3. verifies every involved owner's process token (signature, validity, function class,
+   receiver key, roster digest, this node's key, limits) and refuses with a reason otherwise;
+4. opens each input: decapsulates the re-encrypted capsule with its PRE key, checks the item's
+   write token against the owner key named by the token, that the item's attributes satisfy
+   the token's selector and carry ``share:i`` for its own index i, decrypts, and checks the
+   device's signature on the plaintext — all in an executor (worker processes if given);
+5. runs the function with the other two nodes over MQTT and publishes the HPKE-sealed,
+   node-signed output share to ``receivers/{receiver}/results/{job}``.
+
+Every step reports a signed status on ``jobs/{job}/status``; a failure anywhere (including a
+peer that goes silent) ends in ``failed`` with the reason and no output from this node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from ciphertwin.bus.client import BusClient
+from ciphertwin.bus.envelope import Envelope, decode
+from ciphertwin.crypto.errors import TokenRejected
+from ciphertwin.crypto.kpcpre import PreKeyPair
+from ciphertwin.crypto.signing import VerifyKey
+from ciphertwin.crypto.tokens import ProcessToken, verify_process_token
+from ciphertwin.errors import CipherTwinError, ValidationError
+from ciphertwin.mpc_nodes.engine import expected_rounds, load_inputs, run_function
+from ciphertwin.mpc_nodes.functions import get_function
+from ciphertwin.mpc_nodes.output import seal_output
+from ciphertwin.mpc_nodes.roster import NodeIdentity
+from ciphertwin.mpc_nodes.transport.mqtt import mqtt_party
+from ciphertwin.protocol.jobs import (
+    NodeRoster,
+    build_result,
+    build_status,
+    parse_roster,
+    unpack_params,
+    verify_status,
+)
+from ciphertwin.protocol.share_open import OpenedShare, open_share_batch
+
+log = structlog.get_logger(__name__)
+
+
+class JobRefused(CipherTwinError):
+    """The node will not process this job; the message is the reason it publishes."""
+
+
+@dataclass
+class _Pending:
+    chunks: int
+    started: float
+    spec: bytes | None = None
+    items: dict[int, list[dict[str, bytes]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A job spec that passed every check: what opening and arranging need."""
+
+    env: Envelope
+    params: dict[str, Any]
+    selectors: dict[bytes, str]  # owner key -> token selector text
+
+
+class ProcessingNode:
+    """One MPC node. ``async with ProcessingNode(...) as node: await node.wait_closed()``."""
+
+    def __init__(self, bus: BusClient, identity: NodeIdentity, pre: PreKeyPair, *,
+                 operator: VerifyKey | None, executor: Executor | None = None,
+                 latency_s: float = 0.0, mpc_timeout_s: float = 30.0,
+                 input_timeout_s: float = 300.0, qos: int = 0,
+                 verify_item_signatures: bool = False) -> None:
+        self.bus, self.identity, self.pre = bus, identity, pre
+        self.operator, self.executor = operator, executor
+        self.latency_s, self.mpc_timeout_s, self.qos = latency_s, mpc_timeout_s, qos
+        self.input_timeout_s = input_timeout_s
+        self.verify_item_signatures = verify_item_signatures
+        """Check each input's inner device signature too (AES-GCM under the re-encrypted data
+        key already rules out cloud forgeries; see docs/processing.md)."""
+        self.name = identity.node_id
+        self.roster: NodeRoster | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._finished: set[str] = set()
+        self.refused: dict[str, str] = {}
+        self._peers_ready: dict[str, set[int]] = {}
+        self._ready_changed = asyncio.Event()
+        """job -> reason, for jobs this node refused or failed (tests and the CLI read it)."""
+
+    async def __aenter__(self) -> ProcessingNode:
+        t = self.bus.topics
+        await self.bus.subscribe(t.config_nodes(), self._on_roster)
+        await self.bus.subscribe(t.filter("node_inputs", node=self.name), self._on_inputs)
+        await self.bus.subscribe(t.filter("job_status"), self._on_status, concurrency=1)
+        log.info("node.started", node=self.name, index=self.identity.index)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    @property
+    def active(self) -> bool:
+        """Listed in the current roster at its own index with its own keys."""
+        if self.roster is None:
+            return False
+        try:
+            self.roster.roster.check_identity(self.identity)
+        except CipherTwinError:
+            return False
+        return True
+
+    # -- roster --------------------------------------------------------------------------
+    async def _on_roster(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            roster = parse_roster(payload, self.operator)
+        except CipherTwinError as exc:
+            log.warning("node.roster_rejected", node=self.name, reason=str(exc))
+            return
+        if self.roster is not None and roster.version <= self.roster.version:
+            log.info("node.roster_ignored", node=self.name, version=roster.version)
+            return
+        self.roster = roster
+        log.info("node.roster", node=self.name, version=roster.version, active=self.active)
+
+    # -- inputs --------------------------------------------------------------------------
+    async def _on_inputs(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            env = decode(payload, "node_inputs")
+            job = env["job"]
+            if self.bus.topics.parse(topic)["job"] != job:
+                raise ValidationError("inputs name another job than their topic")
+        except CipherTwinError as exc:
+            log.warning("node.inputs_rejected", node=self.name, reason=str(exc))
+            return
+        if job in self._finished or job in self._running:
+            return  # a redelivered chunk of a job we already have
+        self._expire_pending()
+        pending = self._pending.setdefault(job, _Pending(env["chunks"], time.monotonic()))
+        if env["chunks"] != pending.chunks or env["chunk"] >= pending.chunks:
+            log.warning("node.inputs_rejected", node=self.name, job=job, reason="bad chunk numbering")
+            return
+        pending.items[env["chunk"]] = env["items"]
+        if env["chunk"] == 0:
+            pending.spec = env.get("spec")
+        if pending.spec is not None and len(pending.items) == pending.chunks:
+            del self._pending[job]
+            items = [it for c in range(pending.chunks) for it in pending.items[c]]
+            self._running[job] = asyncio.create_task(self._run(job, pending.spec, items))
+
+    def _expire_pending(self) -> None:
+        now = time.monotonic()
+        for job in [j for j, p in self._pending.items() if now - p.started > self.input_timeout_s]:
+            del self._pending[job]
+            log.warning("node.inputs_incomplete", node=self.name, job=job)
+
+    async def _on_status(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Stop working on a job the cloud (or a peer) declared failed."""
+        try:
+            env = decode(payload, "job_status")
+        except CipherTwinError:
+            return
+        if env["state"] == "computing" and env["round"] == 0 and env["by"] != self.name:
+            self._note_ready(env)
+            return
+        task = self._running.get(env["job"])
+        if task is not None and env["state"] == "failed" and env["by"] != self.name:
+            log.info("node.job_aborted", node=self.name, job=env["job"], by=env["by"])
+            self.refused.setdefault(env["job"], f"aborted: {env['reason']}")
+            task.cancel()
+
+    def _note_ready(self, env: Envelope) -> None:
+        """A peer subscribed to the job's MPC topics (signed report), so frames will not be lost."""
+        index = self.roster.index_of(env["by"]) if self.roster else None
+        if index is None:
+            return
+        try:
+            verify_status(env, VerifyKey(self.roster.roster[index].sign_public))  # type: ignore[union-attr]
+        except CipherTwinError:
+            return
+        if len(self._peers_ready) > 10_000:
+            self._peers_ready.clear()
+        self._peers_ready.setdefault(env["job"], set()).add(index)
+        self._ready_changed.set()
+
+    async def _wait_peers(self, job: str) -> None:
+        deadline = time.monotonic() + self.mpc_timeout_s
+        while len(self._peers_ready.get(job, set()) - {self.identity.index}) < 2:
+            self._ready_changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted({0, 1, 2} - self._peers_ready.get(job, set()) - {self.identity.index})
+                raise JobRefused(f"peer node(s) {missing} not ready within {self.mpc_timeout_s:.0f} s")
+            try:
+                await asyncio.wait_for(self._ready_changed.wait(), left)
+            except TimeoutError:
+                pass
+
+    # -- one job -------------------------------------------------------------------------
+    async def _status(self, job: str, state: str, **kw: Any) -> None:
+        try:
+            await self.bus.publish(self.bus.topics.job_status(job), build_status(
+                job, state, self.name, signer=self.identity.signing, **kw))
+        except CipherTwinError as exc:
+            log.warning("node.status_failed", node=self.name, job=job, error=str(exc))
+
+    async def _run(self, job: str, spec_bytes: bytes, items: list[dict[str, bytes]]) -> None:
+        try:
+            checked = self._check(job, spec_bytes)
+            opened = await self._open(checked, items)
+            inputs, labels = self._arrange(checked, opened)
+            await self._compute(job, checked, inputs, labels)
+        except asyncio.CancelledError:
+            log.info("node.job_cancelled", node=self.name, job=job)
+        except (CipherTwinError, ValueError) as exc:
+            reason = f"node {self.name}: {exc}"[:256]
+            self.refused[job] = reason
+            log.warning("node.job_failed", node=self.name, job=job, reason=reason)
+            await self._status(job, "failed", reason=reason)
+        finally:
+            self._running.pop(job, None)
+            self._finished.add(job)
+
+    def _check(self, job: str, spec_bytes: bytes) -> _Checked:
+        if not self.active or self.roster is None:
+            raise JobRefused("not in the current node roster")
+        env = decode(spec_bytes, "job_spec")
+        if env["job"] != job:
+            raise JobRefused("spec names another job")
+        if env["roster"] != self.roster.digest:
+            raise JobRefused("job was prepared for another node roster")
+        fn = get_function(env["function"])
+        params = unpack_params(env["params"])
+        fn.parse(params)
+        owners = {t["owner_key"] for t in env["twins"]}
+        # parse every token once and index it by issuer: linear in the number of owners
+        by_issuer: dict[bytes, list[ProcessToken | str]] = {}
+        for raw in env["tokens"]:
+            try:
+                token = ProcessToken.from_bytes(raw)
+            except ValidationError as exc:
+                log.warning("node.token_malformed", node=self.name, job=job, reason=str(exc))
+                continue
+            by_issuer.setdefault(token.issuer.raw, []).append(token)
+        selectors: dict[bytes, str] = {}
+        for owner in owners:
+            selectors[owner] = self._token_for(env, owner, by_issuer.get(owner, []),
+                                               fn.function_class).selector
+        roles = {t["role"] for t in env["twins"]}
+        for name, b in env["bindings"].items():
+            if b["role"] not in roles:
+                raise JobRefused(f"input {name}: no twins with role {b['role']!r}")
+        return _Checked(env, params, selectors)
+
+    def _token_for(self, env: Envelope, owner: bytes, candidates: Sequence[ProcessToken],
+                   function_class: str) -> ProcessToken:
+        """The owner's token that admits this job, or refuse with the last reason."""
+        reason = "no process token from this owner"
+        owner_key = VerifyKey(owner)
+        for token in candidates:
+            try:
+                if token.issuer != owner_key:
+                    continue
+                verify_process_token(
+                    token, owner_key, function_class=function_class, receiver=env["receiver_key"],
+                    roster=self.roster.digest if self.roster else b"",
+                    node_key=self.identity.signing.verify_key.raw, leeway_s=60,
+                )
+                self._check_limits(env, owner, token)
+                return token
+            except TokenRejected as exc:
+                reason = str(exc)
+            except ValidationError as exc:
+                reason = f"process token malformed: {exc}"
+        raise JobRefused(f"owner {owner.hex()[:16]}: {reason}")
+
+    @staticmethod
+    def _check_limits(env: Envelope, owner: bytes, token: ProcessToken) -> None:
+        mine = [t for t in env["twins"] if t["owner_key"] == owner]
+        max_items = token.limits.get("max_items")
+        if max_items is not None and sum(t["count"] for t in mine) > max_items:
+            raise TokenRejected("limit", f"more than max_items={max_items} inputs")
+        min_twins = token.limits.get("min_twins")
+        if min_twins is not None and len(env["twins"]) < min_twins:
+            raise TokenRejected("limit", f"fewer than min_twins={min_twins} participants")
+        max_points = token.limits.get("max_points")
+        if max_points is not None and env["points"] > max_points:
+            raise TokenRejected("limit", f"more than max_points={max_points} per twin")
+
+    async def _open(self, checked: _Checked, items: Sequence[dict[str, bytes]]) -> list[OpenedShare]:
+        env = checked.env
+        owner_of = {t["twin"]: t["owner_key"] for t in env["twins"]}
+        fields = sorted({b["field"] for b in env["bindings"].values()})
+        args = (self.pre.to_bytes(), self.identity.index, owner_of, checked.selectors, fields)
+        loop = asyncio.get_running_loop()
+        workers = getattr(self.executor, "_max_workers", 1) or 1
+        size = max(256, -(-len(items) // workers))
+        batches = [list(items[i:i + size]) for i in range(0, len(items), size)]
+        opener = functools.partial(open_share_batch, check_signatures=self.verify_item_signatures)
+        parts = await asyncio.gather(*(
+            loop.run_in_executor(self.executor, opener, *args, b) for b in batches))
+        out: list[OpenedShare] = []
+        for part in parts:
+            if isinstance(part, str):
+                raise JobRefused(part)
+            out.extend(part)
+        return out
+
+    def _arrange(self, checked: _Checked, opened: Sequence[OpenedShare]
+                 ) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Additive input arrays: per role, twins in spec order; points in time order."""
+        env = checked.env
+        points = env["points"]
+        by_twin: dict[str, list[OpenedShare]] = {t["twin"]: [] for t in env["twins"]}
+        for o in opened:
+            by_twin[o.twin].append(o)
+        for t in env["twins"]:
+            got = by_twin[t["twin"]]
+            if len(got) != t["count"]:
+                raise JobRefused(f"twin {t['twin']}: {len(got)} inputs, the spec says {t['count']}")
+            if len(got) > points:
+                raise JobRefused(f"twin {t['twin']}: {len(got)} inputs > {points} points")
+            got.sort(key=lambda o: (o.time, o.seq))
+            if len({(o.device, o.seq) for o in got}) != len(got):
+                raise JobRefused(f"twin {t['twin']}: an input appears twice (replayed item)")
+        inputs: dict[str, np.ndarray] = {}
+        for name, b in env["bindings"].items():
+            twins = [t["twin"] for t in env["twins"] if t["role"] == b["role"]]
+            if b["ndim"] == 1 and len(twins) != 1:
+                raise JobRefused(f"input {name}: role {b['role']!r} needs exactly one twin")
+            arr = np.zeros((len(twins), points), dtype=np.uint64)
+            for row, twin in enumerate(twins):
+                values = [o.values[b["field"]] for o in by_twin[twin]]
+                if len(values) < points:
+                    if b.get("pad") is None:
+                        raise JobRefused(f"twin {twin}: {len(values)} of {points} points, no padding")
+                    pad = b["pad"] % (1 << 64) if self.identity.index == 0 else 0
+                    values += [pad] * (points - len(values))
+                arr[row] = np.array(values, dtype=np.uint64)
+            inputs[name] = arr[0] if b["ndim"] == 1 else arr
+        labels = [t["twin"] for t in env["twins"] if t["role"] == "user"]
+        return inputs, labels
+
+    async def _compute(self, job: str, checked: _Checked, inputs: Mapping[str, np.ndarray],
+                       labels: list[str]) -> None:
+        env, params = checked.env, checked.params
+        assert self.roster is not None
+        rounds = expected_rounds(env["function"], params)
+        async with mqtt_party(job, self.identity, self.roster.roster, bus=self.bus,
+                              latency_s=self.latency_s, timeout_s=self.mpc_timeout_s,
+                              qos=self.qos) as party:
+            await self._status(job, "computing", round_=0, rounds=rounds)  # = subscribed
+            await self._wait_peers(job)
+            watcher = asyncio.create_task(self._watch_rounds(job, party, rounds))
+            try:
+                shared = await load_inputs(party, env["function"], params, inputs)
+                share = await run_function(party, env["function"], params, shared)
+            finally:
+                watcher.cancel()
+        blob = seal_output(share, env["receiver_key"])
+        await self.bus.publish(
+            self.bus.topics.results(env["receiver"], job),
+            build_result(job, env["function"], self.identity.index, self.name, labels, blob,
+                         self.identity.signing))
+        await self._status(job, "delivered", progress=1.0, round_=rounds, rounds=rounds)
+        log.info("node.job_done", node=self.name, job=job, rounds=rounds, rows=len(labels))
+
+    async def _watch_rounds(self, job: str, party: Any, rounds: int) -> None:
+        last = 0
+        while True:
+            await asyncio.sleep(0.25)
+            if party.round != last:
+                last = party.round
+                await self._status(job, "computing", round_=last, rounds=rounds,
+                                   progress=last / max(rounds, 1))

@@ -1,0 +1,37 @@
+"""Shared fixtures: detection of the real services tests may need."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+MOSQUITTO = ("127.0.0.1", 1883)
+POSTGRES = ("127.0.0.1", 5432)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip, with a loud reason, tests whose external service is not running."""
+    have_mosquitto = _port_open(*MOSQUITTO)
+    have_postgres = _port_open(*POSTGRES)
+    for item in items:
+        if "mosquitto" in item.keywords and not have_mosquitto:
+            item.add_marker(pytest.mark.skip(reason="Mosquitto is NOT running on 127.0.0.1:1883"))
+        if "postgres" in item.keywords and not have_postgres:
+            item.add_marker(pytest.mark.skip(reason="PostgreSQL is NOT running on 127.0.0.1:5432"))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [
+        f"mosquitto 127.0.0.1:1883: {'up' if _port_open(*MOSQUITTO) else 'ABSENT - tests skipped'}",
+        f"postgres 127.0.0.1:5432: {'up' if _port_open(*POSTGRES) else 'ABSENT - tests skipped'}",
+    ]
