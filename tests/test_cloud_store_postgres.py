@@ -130,6 +130,26 @@ async def test_history_window_and_paging(store: TwinStore) -> None:
     assert await store.history("other") == []
 
 
+async def test_window_groups_and_items_for_many_twins(store: TwinStore) -> None:
+    def env(twin: str, seq: int, cid: bytes, attrs: tuple[str, ...], t: float) -> StoredEnvelope:
+        return StoredEnvelope(twin, "d", seq, cid, attrs, t, bytes([seq]) * seq)
+
+    a, b = ("share:0", "type:x"), ("share:1", "type:x")
+    await store.append_envelopes([env("t1", 1, b"c1", a, 1.0), env("t1", 2, b"c1", a, 2.0),
+                                  env("t1", 3, b"c2", b, 3.0), env("t2", 4, b"c3", a, 1.5),
+                                  env("t2", 5, b"c3", a, 99.0), env("t3", 6, b"c4", a, 1.0)])
+    groups = sorted(await store.window_groups(["t1", "t2", "t2"], 0.0, 10.0),
+                    key=lambda g: (g.twin, g.capsule_id))
+    assert [(g.twin, g.capsule_id, g.attributes, g.count, g.payload_bytes) for g in groups] == [
+        ("t1", b"c1", a, 2, 3), ("t1", b"c2", b, 1, 3), ("t2", b"c3", a, 1, 4)]
+    items = await store.window_items(["t2", "t1"], 0.0, 10.0)
+    assert [(i.twin, i.capsule_id, i.attributes, i.payload) for i in items] == [
+        ("t1", b"c1", a, b"\x01"), ("t1", b"c1", a, b"\x02\x02"), ("t1", b"c2", b, b"\x03" * 3),
+        ("t2", b"c3", a, b"\x04" * 4)]
+    assert await store.window_items(["t1"], 0.0, 10.0, stored_until=0.0) == []
+    assert await store.window_groups([], 0.0, 10.0) == []
+
+
 async def test_recapsule_cache_dropped_on_revoke(store: TwinStore) -> None:
     await store.put_grant(Grant("g1", "alice", "bob", ("twin1",), "a", b"rk", 1.0))
     await store.cache_recapsules([(b"c1", "g1", b"rc"), (b"c1", "g1", b"rc")])

@@ -13,7 +13,7 @@ from ciphertwin.crypto.signing import SigningKey
 from ciphertwin.crypto.tokens import issue_write_token
 from ciphertwin.crypto.wire import canonical
 from ciphertwin.protocol.items import DeviceCredentials, build_item, decode_item, item_aad
-from ciphertwin.protocol.share_open import open_share_batch
+from ciphertwin.protocol.share_open import OpenedColumns, _aad, open_share_batch
 
 
 class Setup:
@@ -58,7 +58,7 @@ def test_node_opens_its_share_and_refuses_others() -> None:
     s = Setup()
     for check in (True, False):
         opened = s.open(s.items[0], check)
-        assert isinstance(opened, list) and len(opened) == 1, opened
+        assert isinstance(opened, OpenedColumns) and len(opened) == 1, opened
     # share 1 is not node 0's, whatever key material comes with it
     assert isinstance(s.open(s.items[1], True), str)
 
@@ -84,4 +84,13 @@ def test_signature_check_catches_a_key_holder_resealing_inputs() -> None:
     # the documented trade-off: without the check only AES-GCM protects, and a holder of the
     # epoch key (never the cloud alone) can alter the input
     accepted = s.open(item, False)
-    assert isinstance(accepted, list) and accepted[0].values == {"x": 7, "y": 7}
+    assert isinstance(accepted, OpenedColumns)
+    assert {f: int(v[0]) for f, v in accepted.values.items()} == {"x": 7, "y": 7}
+
+
+def test_direct_aad_packing_equals_item_aad() -> None:
+    """The opener packs the AAD itself (faster); it must stay byte-identical to item_aad."""
+    for twin, device, seq, attrs in [("u1", "d1", 1, ["share:0", "type:location"]),
+                                     ("a" * 64, "d-2.x:y", 2**64 - 1, []),
+                                     ("t", "d", 0, ["x" * 300] * 40)]:
+        assert _aad(twin, device, seq, attrs) == item_aad(twin, device, seq, tuple(attrs))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ import structlog
 
 from ciphertwin.bus.envelope import Envelope, decode, encode
 from ciphertwin.cloud_twin.grants import ActiveGrant
+from ciphertwin.cloud_twin.store import WindowGroup, WindowItem
 from ciphertwin.cloud_twin.trust import Rejected
 from ciphertwin.crypto import wire
 from ciphertwin.crypto.errors import TokenRejected
@@ -54,8 +56,9 @@ log = structlog.get_logger(__name__)
 
 TOKENS_NS = "process_tokens"
 JOBS_NS = "jobs"
-TWIN_BATCH = 64
-HISTORY_PAGE = 5000
+PLAN_TWINS = 500
+KEY_ESTIMATE = 1024
+"""bytes a re-capsule adds to an entry (≈ 830 with typical attributes), for sizing chunks"""
 
 
 class JobFailed(CipherTwinError):
@@ -70,6 +73,37 @@ class _Tracking:
     last_report: float = field(default_factory=time.monotonic)
     failure: str | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+GroupKey = tuple[str, bytes, tuple[str, ...]]  # (twin, capsule id, attributes)
+
+
+@dataclass
+class _Plan:
+    """A job's inputs, fixed before any re-encryption so chunk 0 (the spec) can go first."""
+
+    stored_until: float
+    grants: dict[GroupKey, tuple[ActiveGrant | None, ...]] = field(default_factory=dict)
+    """per admitted group, the grant of node 0, 1, 2 (None: that node gets none of it)"""
+    expected: dict[str, dict[GroupKey, int]] = field(default_factory=dict)
+    """twin -> admitted group -> items"""
+    counts: dict[str, int] = field(default_factory=dict)
+    """twin -> items per node (the same at every node)"""
+    batches: list[tuple[list[str], int]] = field(default_factory=list)
+    """(twins, chunks) in sending order"""
+
+    def add(self, group: WindowGroup, chosen: tuple[ActiveGrant | None, ...]) -> None:
+        key = (group.twin, group.capsule_id, group.attributes)
+        self.grants[key] = chosen
+        self.expected.setdefault(group.twin, {})[key] = group.count
+
+    def expected_for(self, twins: Sequence[str]) -> Counter[GroupKey]:
+        return Counter({k: n for t in twins for k, n in self.expected.get(t, {}).items()})
+
+    @property
+    def chunks(self) -> int:
+        """Per node: chunk 0 (the spec) plus the batches' chunks."""
+        return 1 + sum(k for _, k in self.batches)
 
 
 class JobManager:
@@ -218,37 +252,36 @@ class JobManager:
         twins = [(s["twin"], s["role"]) for s in env["inputs"]]
         if len({t for t, _ in twins}) != len(twins):
             raise JobFailed("a twin appears twice in the inputs")
-        per_node = await self._gather(job, env, roster, twins)
-        counts = [{t: n for t, n in node_counts.items()} for _, node_counts in per_node]
-        for twin, _ in twins:
-            seen = [c.get(twin, 0) for c in counts]
-            if len(set(seen)) != 1:
-                raise JobFailed(f"twin {twin}: share items per node {seen} differ (missing grant?)")
-            if seen[0] > env["points"]:
-                raise JobFailed(f"twin {twin}: {seen[0]} items > {env['points']} points")
+        plan = await self._plan(env, roster, [t for t, _ in twins])
+        spec = self._spec(env, roster, params, twins, plan.counts, tokens)
         t1 = time.perf_counter()
+        self._tracking[job] = track = _Tracking()
+        waited, published = await self._stream(job, env, roster, plan, spec, track)
+        t2 = time.perf_counter()
+        await self._status(job, "sent", progress=0.0,
+                           rounds=expected_rounds(env["function"], params))
+        track.last_report = time.monotonic()  # streaming may take long; silence counts from now
+        await self._await_nodes(job, track)
+        self.timings[job] = {"plan_s": t1 - t0, "reencrypt_s": t1 - t0 + waited,
+                             "publish_s": published, "stream_s": t2 - t1,
+                             "compute_s": time.perf_counter() - t2}
+        await self._status(job, "done", progress=1.0)
+        log.info("jobs.done", job=job, **self.timings[job])
+
+    def _spec(self, env: Envelope, roster: NodeRoster, params: dict[str, Any],
+              twins: Sequence[tuple[str, str]], counts: dict[str, int],
+              tokens: list[bytes]) -> bytes:
         owner_of = {s["twin"]: s["owner"] for s in env["inputs"]}
-        spec = encode("job_spec", {
-            "job": job, "function": env["function"], "params": env["params"],
+        return encode("job_spec", {
+            "job": env["job"], "function": env["function"], "params": env["params"],
             "receiver": env["receiver"], "receiver_key": env["receiver_key"],
             "roster": roster.digest, "points": env["points"],
             "bindings": default_bindings(env["function"], params),
-            "twins": [{"twin": t, "role": r, "count": counts[0].get(t, 0),
+            "twins": [{"twin": t, "role": r, "count": counts.get(t, 0),
                        "owner_key": self.cloud.trust.owners[owner_of[t]].verify_key.raw}
                       for t, r in twins],
             "tokens": tokens,
         })
-        self._tracking[job] = track = _Tracking()
-        for index, (entries, _) in enumerate(per_node):
-            await self._send(job, roster.node_ids[index], spec, entries)
-        t2 = time.perf_counter()
-        await self._status(job, "sent", progress=0.0,
-                           rounds=expected_rounds(env["function"], params))
-        await self._await_nodes(job, track)
-        self.timings[job] = {"reencrypt_s": t1 - t0, "publish_s": t2 - t1,
-                             "compute_s": time.perf_counter() - t2}
-        await self._status(job, "done", progress=1.0)
-        log.info("jobs.done", job=job, **self.timings[job])
 
     async def _check_owners(self, env: Envelope, function_class: str, roster: NodeRoster) -> list[bytes]:
         chosen: list[bytes] = []
@@ -283,78 +316,124 @@ class JobManager:
                 raise JobFailed(f"owner {owner}: {reason} for this job")
         return chosen
 
-    async def _gather(self, job: str, env: Envelope, roster: NodeRoster,
-                      twins: Sequence[tuple[str, str]]
-                      ) -> list[tuple[list[dict[str, bytes]], dict[str, int]]]:
-        """Per node: (re-encrypted inputs, items per twin)."""
-        cloud = self.cloud
-        out: list[tuple[list[dict[str, bytes]], dict[str, int]]] = [([], {}) for _ in range(3)]
-        done = 0
+    # -- planning: what each node gets, fixed before any re-encryption -------------------
+    async def _plan(self, env: Envelope, roster: NodeRoster, twins: Sequence[str]) -> _Plan:
+        """Match grants once per (twin, capsule, attribute set) and fix counts and batches.
+
+        Only rows stored before the plan count, so items arriving during the job do not
+        change it (``_prepare`` refuses the job if the stored inputs changed anyway)."""
+        plan = _Plan(stored_until=time.time())
+        sizes: list[dict[str, list[int]]] = [{} for _ in range(3)]  # node -> twin -> [n, bytes]
+        for start in range(0, len(twins), PLAN_TWINS):
+            for g in await self.cloud.store.window_groups(
+                    twins[start:start + PLAN_TWINS], env["since"], env["until"], plan.stored_until):
+                chosen = tuple(self._grant_for(roster, i, g) for i in range(3))
+                if not any(chosen):
+                    continue
+                plan.add(g, chosen)
+                for i, grant in enumerate(chosen):
+                    if grant is not None:
+                        acc = sizes[i].setdefault(g.twin, [0, 0])
+                        acc[0] += g.count
+                        acc[1] += g.payload_bytes + g.count * KEY_ESTIMATE
+        for twin in twins:
+            seen = [s.get(twin, [0, 0])[0] for s in sizes]
+            if len(set(seen)) != 1:
+                raise JobFailed(f"twin {twin}: share items per node {seen} differ (missing grant?)")
+            if seen[0] > env["points"]:
+                raise JobFailed(f"twin {twin}: {seen[0]} items > {env['points']} points")
+            plan.counts[twin] = seen[0]
+        plan.batches = _batches(twins, sizes)
+        return plan
+
+    def _grant_for(self, roster: NodeRoster, index: int, group: WindowGroup) -> ActiveGrant | None:
+        """Node ``index``'s grant admitting this group; refuse a grant leaking another index."""
+        node = roster.node_ids[index]
+        grant = _admitting(self.cloud.grants.of_receiver(node, group.twin), group.attributes)
+        if grant is not None and f"share:{index}" not in group.attributes:
+            raise JobFailed(f"grant {grant.grant_id} of node {node} admits "
+                            "another share index — refusing the job")
+        return grant
+
+    # -- streaming: re-encrypt batch k+1 while the nodes open batch k --------------------
+    async def _stream(self, job: str, env: Envelope, roster: NodeRoster, plan: _Plan,
+                      spec: bytes, track: _Tracking) -> tuple[float, float]:
+        """Send the spec, then every batch as soon as it is re-encrypted.
+
+        Returns (seconds waiting for re-encryption, seconds publishing)."""
+        waited = published = 0.0
         last_report = 0.0
-        for start in range(0, len(twins), TWIN_BATCH):
-            batch = twins[start:start + TWIN_BATCH]
-            rows_by_twin = {t: await self._history(t, env["since"], env["until"]) for t, _ in batch}
-            capsules = await cloud.store.get_capsules(
-                list({r.capsule_id for rows in rows_by_twin.values() for r in rows}))
-            chosen: list[tuple[int, Any, ActiveGrant]] = []
-            for index, node in enumerate(roster.node_ids):
-                for twin, rows in rows_by_twin.items():
-                    grants = cloud.grants.of_receiver(node, twin)
-                    memo: dict[tuple[str, ...], ActiveGrant | None] = {}  # attrs repeat per epoch
-                    for r in rows:
-                        attrs = tuple(r.attributes)
-                        if attrs in memo:
-                            g = memo[attrs]
-                        else:
-                            g = memo[attrs] = _admitting(grants, attrs)
-                        if g is None:
-                            continue
-                        if f"share:{index}" not in r.attributes:
-                            raise JobFailed(f"grant {g.grant_id} of node {node} admits "
-                                            "another share index — refusing the job")
-                        chosen.append((index, r, g))
-            # one pool call for all three nodes: the workers stay busy across node boundaries
-            keys = await cloud._recapsules_for([(r.capsule_id, g) for _, r, g in chosen], capsules)
-            for index, r, g in chosen:
-                key = keys.get((r.capsule_id, g.grant_id))
-                if key is not None:
-                    entries, counts = out[index]
-                    entries.append({"item": r.payload, "key": key})
-                    counts[r.twin] = counts.get(r.twin, 0) + 1
-            done += len(batch)
-            now = time.monotonic()
-            if now - last_report > 0.3 or done == len(twins):
-                last_report = now
-                await self._status(job, "reencrypting", progress=done / len(twins))
+        t = time.perf_counter()
+        await self._publish_chunks(job, roster, 0, plan.chunks, [[[]]] * 3, spec)
+        published += time.perf_counter() - t
+        chunk = 1
+        nxt: asyncio.Task[list[list[dict[str, bytes]]]] | None = None
+        try:
+            for b, (twins, k) in enumerate(plan.batches):
+                t = time.perf_counter()
+                entries = await (nxt or self._prepare(env, plan, twins))
+                waited += time.perf_counter() - t
+                nxt = (asyncio.create_task(self._prepare(env, plan, plan.batches[b + 1][0]))
+                       if b + 1 < len(plan.batches) else None)
+                if track.failure is not None:
+                    raise JobFailed(track.failure)
+                t = time.perf_counter()
+                await self._publish_chunks(job, roster, chunk, plan.chunks,
+                                           [_split(e, k) for e in entries])
+                published += time.perf_counter() - t
+                chunk += k
+                now = time.monotonic()
+                if now - last_report > 0.3 or b + 1 == len(plan.batches):
+                    last_report = now
+                    await self._status(job, "reencrypting", progress=(b + 1) / len(plan.batches))
+        finally:
+            if nxt is not None:
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+        return waited, published
+
+    async def _prepare(self, env: Envelope, plan: _Plan, twins: Sequence[str]
+                       ) -> list[list[dict[str, bytes]]]:
+        """Per node, the batch's {item, key} entries: one query, one pool call for all nodes."""
+        rows = await self.cloud.store.window_items(twins, env["since"], env["until"],
+                                                   plan.stored_until)
+        wanted: list[tuple[int, WindowItem, ActiveGrant]] = []
+        seen: Counter[tuple[str, bytes, tuple[str, ...]]] = Counter()
+        for r in rows:
+            key = (r.twin, r.capsule_id, r.attributes)
+            chosen = plan.grants.get(key)
+            if chosen is None:
+                continue  # no node's grant admits it (the plan saw it too), or new: see below
+            seen[key] += 1
+            wanted.extend((i, r, g) for i, g in enumerate(chosen) if g is not None)
+        if seen != plan.expected_for(twins):
+            raise JobFailed("stored inputs changed while the job ran; submit it again")
+        keys = await self.cloud._recapsules_for(
+            list(dict.fromkeys((r.capsule_id, g) for _, r, g in wanted)), {})
+        out: list[list[dict[str, bytes]]] = [[], [], []]
+        for i, r, g in wanted:
+            key = keys.get((r.capsule_id, g.grant_id))
+            if key is None:
+                raise JobFailed(f"twin {r.twin}: a capsule could not be re-encrypted "
+                                f"for node {i} (grant {g.grant_id})")
+            out[i].append({"item": r.payload, "key": key})
         return out
 
-    async def _history(self, twin: str, since: float, until: float) -> list[Any]:
-        rows: list[Any] = []
-        after = None
-        while True:
-            page = await self.cloud.store.history(twin, since, until, HISTORY_PAGE, after)
-            rows.extend(page)
-            if len(page) < HISTORY_PAGE:
-                return rows
-            last = page[-1]
-            after = (last.item_time, last.device, last.seq)
+    async def _publish_chunks(self, job: str, roster: NodeRoster, first: int, total: int,
+                              per_node: Sequence[Sequence[list[dict[str, bytes]]]],
+                              spec: bytes | None = None) -> None:
+        """Chunks ``first``… of every node (the three nodes concurrently)."""
+        async def one(node: str, chunks: Sequence[list[dict[str, bytes]]]) -> None:
+            topic = self.cloud.topics.node_inputs(node, job)
+            for n, items in enumerate(chunks):
+                body: dict[str, Any] = {"job": job, "chunk": first + n, "chunks": total,
+                                        "items": items}
+                if spec is not None:
+                    body["spec"] = spec
+                await self.cloud.bus.publish(topic, encode("node_inputs", body))
 
-    async def _send(self, job: str, node: str, spec: bytes, entries: list[dict[str, bytes]]) -> None:
-        chunks: list[list[dict[str, bytes]]] = [[]]
-        size = len(spec)
-        for e in entries:
-            n = len(e["item"]) + len(e["key"]) + 16
-            if chunks[-1] and (len(chunks[-1]) >= CHUNK_ITEMS or size + n > MAX_CHUNK_BYTES):
-                chunks.append([])
-                size = 0
-            chunks[-1].append(e)
-            size += n
-        topic = self.cloud.topics.node_inputs(node, job)
-        for i, chunk in enumerate(chunks):
-            body: dict[str, Any] = {"job": job, "chunk": i, "chunks": len(chunks), "items": chunk}
-            if i == 0:
-                body["spec"] = spec
-            await self.cloud.bus.publish(topic, encode("node_inputs", body))
+        await asyncio.gather(*(one(node, chunks)
+                               for node, chunks in zip(roster.node_ids, per_node, strict=True)))
 
     async def _await_nodes(self, job: str, track: _Tracking) -> None:
         while True:
@@ -371,6 +450,39 @@ class JobManager:
                 silent = sorted(set(range(3)) - {i for i, s in track.states.items()
                                                  if s == "delivered"})
                 raise JobFailed(f"node(s) {silent} silent for {self.node_timeout_s:.0f} s")
+
+
+def _batches(twins: Sequence[str], sizes: Sequence[dict[str, list[int]]]
+             ) -> list[tuple[list[str], int]]:
+    """Twins in order, cut where a node's share would pass one chunk; (twins, chunks) each.
+
+    About one chunk per batch: small enough that nodes start opening early, large enough
+    that per-message costs stay small. A twin with more items than a chunk holds gets a batch
+    of its own, spread over several chunks."""
+    out: list[tuple[list[str], int]] = []
+    batch: list[str] = []
+    items = size = 0
+    for twin in twins:
+        n = max(s.get(twin, [0, 0])[0] for s in sizes)
+        b = max(s.get(twin, [0, 0])[1] for s in sizes)
+        if batch and (items + n > CHUNK_ITEMS or size + b > MAX_CHUNK_BYTES):
+            out.append((batch, _chunks_for(items, size)))
+            batch, items, size = [], 0, 0
+        batch.append(twin)
+        items, size = items + n, size + b
+    if batch:
+        out.append((batch, _chunks_for(items, size)))
+    return out
+
+
+def _chunks_for(items: int, size: int) -> int:
+    return max(1, -(-items // CHUNK_ITEMS), -(-size // MAX_CHUNK_BYTES))
+
+
+def _split(entries: list[dict[str, bytes]], k: int) -> list[list[dict[str, bytes]]]:
+    """``entries`` in ``k`` nearly equal consecutive parts (some may be empty)."""
+    step = -(-len(entries) // k) if entries else 0
+    return [entries[i * step:(i + 1) * step] for i in range(k)]
 
 
 def _admitting(grants: Sequence[ActiveGrant], attributes: tuple[str, ...]) -> ActiveGrant | None:

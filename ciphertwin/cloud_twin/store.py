@@ -38,6 +38,30 @@ class StoredEnvelope:
 
 
 @dataclass(frozen=True, slots=True)
+class WindowGroup:
+    """Items of one twin in a job window that share a capsule and an attribute set.
+
+    A job plans with these (counts and sizes, no payloads): grants are matched once per
+    group, not once per item."""
+
+    twin: str
+    capsule_id: bytes
+    attributes: tuple[str, ...]
+    count: int
+    payload_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowItem:
+    """What a job sends of one stored envelope: the payload plus what picks its key."""
+
+    twin: str
+    capsule_id: bytes
+    attributes: tuple[str, ...]
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Grant:
     """A re-encryption key installed by an owner for one receiver over some twins."""
 
@@ -92,6 +116,19 @@ class TwinStore(abc.ABC):
     ) -> list[StoredEnvelope]:
         """Envelopes of a twin by item time; `after` is the (item_time, device, seq) cursor
         of the previous page's last row."""
+
+    @abc.abstractmethod
+    async def window_groups(
+        self, twins: Sequence[str], since: float, until: float, stored_until: float = float("inf"),
+    ) -> list[WindowGroup]:
+        """Per (twin, capsule, attributes): items with since <= item_time <= until that were
+        stored at or before ``stored_until`` — one query for many twins."""
+
+    @abc.abstractmethod
+    async def window_items(
+        self, twins: Sequence[str], since: float, until: float, stored_until: float = float("inf"),
+    ) -> list[WindowItem]:
+        """The items ``window_groups`` counts, ordered by (twin, item_time, device, seq)."""
 
     @abc.abstractmethod
     async def put_grant(self, grant: Grant) -> None: ...
@@ -290,6 +327,38 @@ class SqliteTwinStore(TwinStore):
             rows = await cur.fetchall()
         return [_row_to_envelope(r) for r in rows]
 
+    async def window_groups(
+        self, twins: Sequence[str], since: float, until: float, stored_until: float = float("inf"),
+    ) -> list[WindowGroup]:
+        rows = await self._window(
+            "SELECT twin, capsule_id, attributes, count(*), sum(length(payload))",
+            "GROUP BY twin, capsule_id, attributes", twins, since, until, stored_until)
+        split = _AttributeCache()
+        return [WindowGroup(t, bytes(c), split(a), n, b) for t, c, a, n, b in rows]
+
+    async def window_items(
+        self, twins: Sequence[str], since: float, until: float, stored_until: float = float("inf"),
+    ) -> list[WindowItem]:
+        rows = await self._window(
+            "SELECT twin, capsule_id, attributes, payload",
+            "ORDER BY twin, item_time, device, seq", twins, since, until, stored_until)
+        split = _AttributeCache()
+        return [WindowItem(t, bytes(c), split(a), bytes(p)) for t, c, a, p in rows]
+
+    async def _window(self, select: str, tail: str, twins: Sequence[str], since: float,
+                      until: float, stored_until: float) -> list[tuple]:  # type: ignore[type-arg]
+        """``select … FROM envelopes`` in the window for twins, a few hundred per query."""
+        rows: list[tuple] = []  # type: ignore[type-arg]
+        unique = list(dict.fromkeys(twins))
+        for i in range(0, len(unique), 500):
+            chunk = unique[i : i + 500]
+            sql = (f"{select} FROM envelopes WHERE twin IN ({','.join('?' * len(chunk))}) "
+                   f"AND item_time>=? AND item_time<=? AND stored_at<=? {tail}")
+            async with self.db.execute(sql, [*chunk, since, min(until, 1e18),
+                                             min(stored_until, 1e18)]) as cur:
+                rows += await cur.fetchall()
+        return rows
+
     async def put_grant(self, grant: Grant) -> None:
         await self.db.execute(
             "INSERT OR REPLACE INTO grants VALUES (?,?,?,?,?,?,?,?)",
@@ -350,6 +419,19 @@ class SqliteTwinStore(TwinStore):
     async def cache_recapsules(self, rows: Sequence[tuple[bytes, str, bytes]]) -> None:
         await self.db.executemany("INSERT OR IGNORE INTO recapsules VALUES (?,?,?)", rows)
         await self.db.commit()
+
+
+class _AttributeCache:
+    """Splits stored attribute strings, once per distinct string (they repeat per epoch)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, ...]] = {}
+
+    def __call__(self, joined: str) -> tuple[str, ...]:
+        got = self._seen.get(joined)
+        if got is None:
+            got = self._seen[joined] = tuple(joined.split(_SEP)) if joined else ()
+        return got
 
 
 def _row_to_envelope(r: Sequence[object]) -> StoredEnvelope:

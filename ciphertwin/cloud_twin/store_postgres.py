@@ -23,7 +23,14 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from ciphertwin.cloud_twin.store import Grant, Outcome, StoredEnvelope, TwinStore
+from ciphertwin.cloud_twin.store import (
+    Grant,
+    Outcome,
+    StoredEnvelope,
+    TwinStore,
+    WindowGroup,
+    WindowItem,
+)
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _SEP = "\x1f"  # same attribute separator as the SQLite store; only used on the wire to PG
@@ -107,6 +114,12 @@ _HISTORY = """
 SELECT twin, device, seq, capsule_id, attributes, item_time, payload FROM {s}.envelopes
 WHERE twin = $1 AND item_time >= $2 AND item_time <= $3 {after}
 ORDER BY item_time, device, seq LIMIT $4
+"""
+
+_WINDOW = """
+SELECT twin, capsule_id, attributes, {columns} FROM {s}.envelopes
+WHERE twin = ANY($1::text[]) AND item_time >= $2 AND item_time <= $3 AND stored_at <= $4
+{tail}
 """
 
 _PUT_GRANT = """
@@ -237,6 +250,28 @@ class PostgresTwinStore(TwinStore):
                            tuple(r["attributes"]), r["item_time"], r["payload"])
             for r in rows
         ]
+
+    async def window_groups(
+        self, twins: Sequence[str], since: float, until: float, stored_until: float = float("inf"),
+    ) -> list[WindowGroup]:
+        rows = await self._window("count(*) AS n, sum(length(payload)) AS size",
+                                  "GROUP BY twin, capsule_id, attributes",
+                                  twins, since, until, stored_until)
+        return [WindowGroup(r["twin"], r["capsule_id"], tuple(r["attributes"]), r["n"],
+                            int(r["size"])) for r in rows]
+
+    async def window_items(
+        self, twins: Sequence[str], since: float, until: float, stored_until: float = float("inf"),
+    ) -> list[WindowItem]:
+        rows = await self._window("payload", "ORDER BY twin, item_time, device, seq",
+                                  twins, since, until, stored_until)
+        return [WindowItem(r["twin"], r["capsule_id"], tuple(r["attributes"]), r["payload"])
+                for r in rows]
+
+    async def _window(self, columns: str, tail: str, twins: Sequence[str], since: float,
+                      until: float, stored_until: float) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self._sql(_WINDOW, columns=columns, tail=tail),
+                                     list(dict.fromkeys(twins)), since, until, stored_until)
 
     async def put_grant(self, grant: Grant) -> None:
         await self.pool.execute(

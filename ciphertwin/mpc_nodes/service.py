@@ -4,13 +4,14 @@ A node trusts neither the broker nor the cloud. For every job it:
 
 1. follows the operator-signed roster on ``config/nodes`` (hot swap: a new version replaces
    the old at once; a node not listed at its index takes no jobs);
-2. collects the job's input chunks from ``nodes/{me}/inputs/{job}``;
+2. receives the job's input chunks from ``nodes/{me}/inputs/{job}`` (chunk 0 carries the spec);
 3. verifies every involved owner's process token (signature, validity, function class,
    receiver key, roster digest, this node's key, limits) and refuses with a reason otherwise;
-4. opens each input: decapsulates the re-encrypted capsule with its PRE key, checks the item's
-   write token against the owner key named by the token, that the item's attributes satisfy
-   the token's selector and carry ``share:i`` for its own index i, decrypts, and checks the
-   device's signature on the plaintext — all in an executor (worker processes if given);
+4. opens each chunk as soon as it arrives (the cloud is still re-encrypting later ones):
+   decapsulates the re-encrypted capsule with its PRE key, checks the item's write token
+   against the owner key named by the token, that the item's attributes satisfy the token's
+   selector and carry ``share:i`` for its own index i, decrypts (and, if configured, checks
+   the device's signature on the plaintext) — in an executor (worker processes if given);
 5. runs the function with the other two nodes over MQTT and publishes the HPKE-sealed,
    node-signed output share to ``receivers/{receiver}/results/{job}``.
 
@@ -51,7 +52,7 @@ from ciphertwin.protocol.jobs import (
     unpack_params,
     verify_status,
 )
-from ciphertwin.protocol.share_open import OpenedShare, open_share_batch
+from ciphertwin.protocol.share_open import OpenedColumns, open_share_batch
 
 log = structlog.get_logger(__name__)
 
@@ -62,10 +63,13 @@ class JobRefused(CipherTwinError):
 
 @dataclass
 class _Pending:
+    """Input chunks of a job in arrival order; opening starts as soon as the spec is checked."""
+
     chunks: int
     started: float
     spec: bytes | None = None
-    items: dict[int, list[dict[str, bytes]]] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)
+    arrived: asyncio.Queue[list[dict[str, bytes]]] = field(default_factory=asyncio.Queue)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,11 @@ class _Checked:
     env: Envelope
     params: dict[str, Any]
     selectors: dict[bytes, str]  # owner key -> token selector text
+
+
+def _fields(checked: _Checked) -> list[str]:
+    """The reading fields the job's bindings use, in a fixed order."""
+    return sorted({b["field"] for b in checked.env["bindings"].values()})
 
 
 class ProcessingNode:
@@ -149,24 +158,27 @@ class ProcessingNode:
         except CipherTwinError as exc:
             log.warning("node.inputs_rejected", node=self.name, reason=str(exc))
             return
-        if job in self._finished or job in self._running:
-            return  # a redelivered chunk of a job we already have
-        self._expire_pending()
+        if job in self._finished:
+            return  # a redelivered chunk of a job we are done with
+        if job not in self._pending:
+            self._expire_pending()
         pending = self._pending.setdefault(job, _Pending(env["chunks"], time.monotonic()))
         if env["chunks"] != pending.chunks or env["chunk"] >= pending.chunks:
             log.warning("node.inputs_rejected", node=self.name, job=job, reason="bad chunk numbering")
             return
-        pending.items[env["chunk"]] = env["items"]
-        if env["chunk"] == 0:
-            pending.spec = env.get("spec")
-        if pending.spec is not None and len(pending.items) == pending.chunks:
-            del self._pending[job]
-            items = [it for c in range(pending.chunks) for it in pending.items[c]]
-            self._running[job] = asyncio.create_task(self._run(job, pending.spec, items))
+        if env["chunk"] in pending.seen:
+            return  # redelivered
+        pending.seen.add(env["chunk"])
+        pending.arrived.put_nowait(env["items"])
+        if env["chunk"] == 0 and env.get("spec") is not None:
+            pending.spec = env["spec"]
+            self._running[job] = asyncio.create_task(self._run(job, pending))
 
     def _expire_pending(self) -> None:
+        """Forget jobs whose spec never came (a started job times out in ``_collect``)."""
         now = time.monotonic()
-        for job in [j for j, p in self._pending.items() if now - p.started > self.input_timeout_s]:
+        for job in [j for j, p in self._pending.items()
+                    if p.spec is None and now - p.started > self.input_timeout_s]:
             del self._pending[job]
             log.warning("node.inputs_incomplete", node=self.name, job=job)
 
@@ -179,6 +191,9 @@ class ProcessingNode:
         if env["state"] == "computing" and env["round"] == 0 and env["by"] != self.name:
             self._note_ready(env)
             return
+        if (env["state"] == "failed" and env["by"] != self.name and env["job"] not in self._running
+                and self._pending.pop(env["job"], None) is not None):
+            self._finished.add(env["job"])  # never started: drop what came, ignore the rest
         task = self._running.get(env["job"])
         if task is not None and env["state"] == "failed" and env["by"] != self.name:
             log.info("node.job_aborted", node=self.name, job=env["job"], by=env["by"])
@@ -220,10 +235,11 @@ class ProcessingNode:
         except CipherTwinError as exc:
             log.warning("node.status_failed", node=self.name, job=job, error=str(exc))
 
-    async def _run(self, job: str, spec_bytes: bytes, items: list[dict[str, bytes]]) -> None:
+    async def _run(self, job: str, pending: _Pending) -> None:
         try:
-            checked = self._check(job, spec_bytes)
-            opened = await self._open(checked, items)
+            assert pending.spec is not None
+            checked = self._check(job, pending.spec)
+            opened = await self._collect(job, checked, pending)
             inputs, labels = self._arrange(checked, opened)
             await self._compute(job, checked, inputs, labels)
         except asyncio.CancelledError:
@@ -235,6 +251,7 @@ class ProcessingNode:
             await self._status(job, "failed", reason=reason)
         finally:
             self._running.pop(job, None)
+            self._pending.pop(job, None)
             self._finished.add(job)
 
     def _check(self, job: str, spec_bytes: bytes) -> _Checked:
@@ -303,11 +320,31 @@ class ProcessingNode:
         if max_points is not None and env["points"] > max_points:
             raise TokenRejected("limit", f"more than max_points={max_points} per twin")
 
-    async def _open(self, checked: _Checked, items: Sequence[dict[str, bytes]]) -> list[OpenedShare]:
+    async def _collect(self, job: str, checked: _Checked, pending: _Pending) -> OpenedColumns:
+        """Open every chunk as it arrives (the cloud is still re-encrypting later ones)."""
+        fields = _fields(checked)
+        opening: list[asyncio.Task[OpenedColumns]] = []
+        try:
+            for _ in range(pending.chunks):
+                left = pending.started + self.input_timeout_s - time.monotonic()
+                try:
+                    items = await asyncio.wait_for(pending.arrived.get(), max(left, 0.0))
+                except TimeoutError:
+                    raise JobRefused(f"inputs incomplete: {len(pending.seen)} of "
+                                     f"{pending.chunks} chunks within "
+                                     f"{self.input_timeout_s:.0f} s") from None
+                if items:
+                    opening.append(asyncio.create_task(self._open(checked, items)))
+            return OpenedColumns.concat(await asyncio.gather(*opening), fields)
+        finally:
+            for task in opening:
+                task.cancel()
+
+    async def _open(self, checked: _Checked, items: Sequence[dict[str, bytes]]) -> OpenedColumns:
         env = checked.env
         owner_of = {t["twin"]: t["owner_key"] for t in env["twins"]}
-        fields = sorted({b["field"] for b in env["bindings"].values()})
-        args = (self.pre.to_bytes(), self.identity.index, owner_of, checked.selectors, fields)
+        args = (self.pre.to_bytes(), self.identity.index, owner_of, checked.selectors,
+                _fields(checked))
         loop = asyncio.get_running_loop()
         workers = getattr(self.executor, "_max_workers", 1) or 1
         size = max(256, -(-len(items) // workers))
@@ -315,47 +352,66 @@ class ProcessingNode:
         opener = functools.partial(open_share_batch, check_signatures=self.verify_item_signatures)
         parts = await asyncio.gather(*(
             loop.run_in_executor(self.executor, opener, *args, b) for b in batches))
-        out: list[OpenedShare] = []
         for part in parts:
             if isinstance(part, str):
                 raise JobRefused(part)
-            out.extend(part)
-        return out
+        return OpenedColumns.concat(parts, args[4])  # type: ignore[arg-type]
 
-    def _arrange(self, checked: _Checked, opened: Sequence[OpenedShare]
+    def _arrange(self, checked: _Checked, opened: OpenedColumns
                  ) -> tuple[dict[str, np.ndarray], list[str]]:
         """Additive input arrays: per role, twins in spec order; points in time order."""
         env = checked.env
         points = env["points"]
-        by_twin: dict[str, list[OpenedShare]] = {t["twin"]: [] for t in env["twins"]}
-        for o in opened:
-            by_twin[o.twin].append(o)
-        for t in env["twins"]:
-            got = by_twin[t["twin"]]
-            if len(got) != t["count"]:
-                raise JobRefused(f"twin {t['twin']}: {len(got)} inputs, the spec says {t['count']}")
-            if len(got) > points:
-                raise JobRefused(f"twin {t['twin']}: {len(got)} inputs > {points} points")
-            got.sort(key=lambda o: (o.time, o.seq))
-            if len({(o.device, o.seq) for o in got}) != len(got):
-                raise JobRefused(f"twin {t['twin']}: an input appears twice (replayed item)")
+        row, rank = self._positions(env, opened)
         inputs: dict[str, np.ndarray] = {}
         for name, b in env["bindings"].items():
-            twins = [t["twin"] for t in env["twins"] if t["role"] == b["role"]]
-            if b["ndim"] == 1 and len(twins) != 1:
+            in_role = np.array([t["role"] == b["role"] for t in env["twins"]], dtype=bool)
+            n_role = int(in_role.sum())
+            if b["ndim"] == 1 and n_role != 1:
                 raise JobRefused(f"input {name}: role {b['role']!r} needs exactly one twin")
-            arr = np.zeros((len(twins), points), dtype=np.uint64)
-            for row, twin in enumerate(twins):
-                values = [o.values[b["field"]] for o in by_twin[twin]]
-                if len(values) < points:
-                    if b.get("pad") is None:
-                        raise JobRefused(f"twin {twin}: {len(values)} of {points} points, no padding")
-                    pad = b["pad"] % (1 << 64) if self.identity.index == 0 else 0
-                    values += [pad] * (points - len(values))
-                arr[row] = np.array(values, dtype=np.uint64)
+            counts = np.array([t["count"] for t in env["twins"]], dtype=np.int64)[in_role]
+            arr = np.zeros((n_role, points), dtype=np.uint64)
+            if n_role and int(counts.min()) < points:
+                if b.get("pad") is None:
+                    short = [t["twin"] for t in env["twins"] if t["role"] == b["role"]
+                             and t["count"] < points][0]
+                    raise JobRefused(f"twin {short}: fewer than {points} points, no padding")
+                if self.identity.index == 0:
+                    arr[:] = b["pad"] % (1 << 64)
+            role_row = np.cumsum(in_role) - 1  # twin's row in this role's array
+            mine = in_role[row]
+            arr[role_row[row[mine]], rank[mine]] = opened.values[b["field"]][mine]
             inputs[name] = arr[0] if b["ndim"] == 1 else arr
         labels = [t["twin"] for t in env["twins"] if t["role"] == "user"]
         return inputs, labels
+
+    @staticmethod
+    def _positions(env: Envelope, opened: OpenedColumns) -> tuple[np.ndarray, np.ndarray]:
+        """Per opened item: its twin's index in the spec and its rank in (time, seq) order.
+
+        Refuses counts other than the spec's, more inputs than points, and a (device, seq)
+        that appears twice in a twin (a replayed item)."""
+        index = {t["twin"]: i for i, t in enumerate(env["twins"])}
+        row = np.array([index[t] for t in opened.twins], dtype=np.int64)
+        got = np.bincount(row, minlength=len(index))
+        for t, n in zip(env["twins"], got.tolist(), strict=True):
+            if n != t["count"]:
+                raise JobRefused(f"twin {t['twin']}: {n} inputs, the spec says {t['count']}")
+            if n > env["points"]:
+                raise JobRefused(f"twin {t['twin']}: {n} inputs > {env['points']} points")
+        devices = {d: i for i, d in enumerate(dict.fromkeys(opened.devices))}
+        device = np.array([devices[d] for d in opened.devices], dtype=np.int64)
+        by_key = np.lexsort((opened.seqs, device, row))
+        same = ((row[by_key][1:] == row[by_key][:-1]) & (device[by_key][1:] == device[by_key][:-1])
+                & (opened.seqs[by_key][1:] == opened.seqs[by_key][:-1]))
+        if same.any():
+            twin = env["twins"][int(row[by_key][1:][same][0])]["twin"]
+            raise JobRefused(f"twin {twin}: an input appears twice (replayed item)")
+        order = np.lexsort((opened.seqs, opened.times, row))
+        starts = np.concatenate(([0], np.cumsum(got)[:-1]))
+        rank = np.empty(len(row), dtype=np.int64)
+        rank[order] = np.arange(len(row)) - starts[row[order]]
+        return row, rank
 
     async def _compute(self, job: str, checked: _Checked, inputs: Mapping[str, np.ndarray],
                        labels: list[str]) -> None:

@@ -6,15 +6,22 @@ For every (item, re-encrypted capsule) the node receives, in this order:
   cloud cannot slip in items signed by a device key of its own), valid at the item's time;
 * the item's attributes must carry ``share:i`` for this node's index and satisfy the owner's
   process-token selector — node i never opens another share index, whatever a grant says;
-* the capsule is decapsulated with the node's PRE key (cached per capsule: one per key epoch);
+* the capsule is decapsulated with the node's PRE key (once per capsule: one per key epoch);
 * the sealed reading is decrypted (AAD binds twin, device, seq and attributes); with
   ``check_signatures`` the device's signature on the plaintext is checked as well;
 * the reading must say ``share: i`` and hold every needed field as a ring element.
+
+Items are opened grouped by what they share: the write token, the attribute-set checks and
+the data key are worked out once per distinct token, attribute set and re-capsule (memoised
+for the batch, and across batches by digest of the exact bytes), so the per-item work is the
+envelope check, AES-GCM and the value checks. Results come back as columns (numpy arrays),
+which are cheap to pickle out of the worker and to arrange.
 
 The outer envelope signature is not checked: AES-GCM under a data key that only the device,
 the owner and grantees of ``share:i`` items hold already binds everything a node relies on;
 the argument, and when to turn ``check_signatures`` on, is in docs/processing.md.
 """
+
 
 from __future__ import annotations
 
@@ -22,6 +29,10 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
 
 from ciphertwin.crypto.epochs import SealedItem, open_sealed
 from ciphertwin.crypto.errors import DecryptionFailed, KeyMismatch, SignatureInvalid, TokenRejected
@@ -34,7 +45,6 @@ from ciphertwin.protocol.items import (
     ITEM_DATA_CONTEXT,
     decode_inner,
     decode_item,
-    item_aad,
     key_from_recapsule,
 )
 
@@ -42,15 +52,29 @@ _RING = 1 << 64
 _REFUSED = (ValidationError, DecryptionFailed, KeyMismatch, SignatureInvalid, TokenRejected)
 
 
-@dataclass(frozen=True, slots=True)
-class OpenedShare:
-    """One decrypted, authenticated share reading (values are ring elements)."""
+@dataclass(frozen=True)
+class OpenedColumns:
+    """Decrypted, authenticated share readings, one position per item (values in the ring)."""
 
-    twin: str
-    seq: int
-    time: float
-    values: dict[str, int]
-    device: str = ""
+    twins: list[str]
+    devices: list[str]
+    seqs: np.ndarray  # uint64
+    times: np.ndarray  # float64
+    values: dict[str, np.ndarray]  # field -> uint64
+
+    def __len__(self) -> int:
+        return len(self.twins)
+
+    @classmethod
+    def concat(cls, parts: Sequence[OpenedColumns], fields: Sequence[str]) -> OpenedColumns:
+        """One set of columns from several batches (the node opens chunk by chunk)."""
+        if not parts:
+            return cls([], [], np.zeros(0, np.uint64), np.zeros(0, np.float64),
+                       {f: np.zeros(0, np.uint64) for f in fields})
+        return cls([t for p in parts for t in p.twins], [d for p in parts for d in p.devices],
+                   np.concatenate([p.seqs for p in parts]),
+                   np.concatenate([p.times for p in parts]),
+                   {f: np.concatenate([p.values[f] for p in parts]) for f in fields})
 
 
 # Worker-process caches. Write tokens are verified once per (owner key, token bytes); data keys
@@ -70,84 +94,149 @@ def _remember(cache: OrderedDict, key: object, value: object) -> None:  # type: 
         cache.popitem(last=False)
 
 
+def _aad(twin: str, device: str, seq: int, attrs: list[str]) -> bytes:
+    """``protocol.items.item_aad`` for already validated fields (str, str, u64, [str]).
+
+    Its canonical encoding of such a list is plain msgpack, so packing directly gives the same
+    bytes (tests/test_processing_share_open.py checks it) at a sixth of the cost."""
+    return msgpack.packb(["ct/item", twin, device, seq, attrs], use_bin_type=True)
+
+
+class _Opener:
+    """Opens one batch for node ``index``; memoises per token, attribute set and re-capsule."""
+
+    def __init__(self, pre: PreKeyPair, index: int, owner_of: Mapping[str, bytes],
+                 selectors: Mapping[bytes, str], fields: Sequence[str],
+                 check_signatures: bool) -> None:
+        self.pre, self.pre_id, self.index = pre, pre.key_id, index
+        self.owner_of, self.fields, self.check_signatures = owner_of, tuple(fields), check_signatures
+        self.policies = {owner: Policy.parse(text) for owner, text in selectors.items()}
+        self.share_attr = f"share:{index}"
+        self._tokens: dict[tuple[bytes, bytes], tuple[bytes, WriteToken]] = {}
+        self._attrs: dict[tuple[bytes, tuple[str, ...]], str | None] = {}
+        self._keys: dict[bytes, tuple[bytes, bytes]] = {}
+
+    def token(self, owner: bytes, raw: bytes, twin: str) -> tuple[bytes, WriteToken]:
+        """(cache digest, verified write token) — verified once per owner and token bytes."""
+        got = self._tokens.get((owner, raw))
+        if got is None:
+            tkey = hashlib.sha256(owner + raw).digest()
+            token = _TOKENS.get(tkey)
+            if token is None:
+                token = WriteToken.from_bytes(raw)
+                verify_write_token(token, VerifyKey(owner), twin=twin, now=token.not_before)
+                _remember(_TOKENS, tkey, token)
+            got = self._tokens[(owner, raw)] = (tkey, token)
+        return got
+
+    def attrs_problem(self, tkey: bytes, token: WriteToken, owner: bytes,
+                      attrs: tuple[str, ...]) -> str | None:
+        """Why these attributes may not be opened here (None: they may), once per set."""
+        key = (tkey, attrs)
+        if key in self._attrs:
+            return self._attrs[key]
+        ok = _ALLOWED.get(key)
+        if ok is None:
+            ok = all(token.allows_attribute(a) for a in attrs)
+            _remember(_ALLOWED, key, ok)
+        problem = None
+        if not ok:
+            problem = "attributes are not allowed by the write token"
+        elif self.share_attr not in attrs or not self.policies[owner].allows(attrs):
+            problem = f"attributes are not {self.share_attr} within the token's subset"
+        self._attrs[key] = problem
+        return problem
+
+    def data_key(self, raw: bytes) -> tuple[bytes, bytes]:
+        """(capsule id, data key) of a re-capsule: one decapsulation per distinct re-capsule."""
+        got = self._keys.get(raw)
+        if got is None:
+            kkey = hashlib.sha256(self.pre_id + raw).digest()
+            got = _KEYS.get(kkey)
+            if got is None:
+                got = key_from_recapsule(self.pre, raw)
+                _remember(_KEYS, kkey, got)
+            self._keys[raw] = got
+        return got
+
+    def open(self, item: Any, raw_key: bytes) -> tuple[str, str, int, float, tuple[int, ...]]:
+        """(twin, device, seq, time, field values) of one decoded item envelope, or raise."""
+        twin, seq, device = item["twin"], item["seq"], item["device"]
+        owner = self.owner_of.get(twin)
+        if owner is None:
+            raise ValidationError("twin is not part of this job")
+        tkey, token = self.token(owner, item["token"], twin)
+        if token.twin != twin or token.device != device:
+            raise ValidationError("write token names another twin or device")
+        when = float(item["time"])
+        if not token.not_before - 300 <= when < token.not_after + 300:
+            raise ValidationError("item time is outside its write token's validity")
+        attr_list = item["attrs"]
+        problem = self.attrs_problem(tkey, token, owner, tuple(attr_list))
+        if problem is not None:
+            raise ValidationError(problem)
+        cid, key = self.data_key(raw_key)
+        if cid != item["capsule_id"]:
+            raise ValidationError("key material is for another capsule")
+        sealed = SealedItem.from_bytes(item["sealed"])
+        if sealed.capsule_id != cid:
+            raise ValidationError("sealed item names another capsule")
+        inner = decode_inner(open_sealed(sealed, key, _aad(twin, device, seq, attr_list)))
+        reading = inner["reading"]
+        if self.check_signatures:
+            token.device_key.verify_object(
+                ITEM_DATA_CONTEXT,
+                {"twin": twin, "device": device, "seq": seq, "reading": reading},
+                inner["sig"])
+        return twin, device, seq, when, _values(reading, self.index, self.fields)
+
+
 def open_share_batch(pre_bytes: bytes, index: int, owner_of: Mapping[str, bytes],
                      selectors: Mapping[bytes, str], fields: Sequence[str],
                      entries: Sequence[Mapping[str, bytes]], *,
-                     check_signatures: bool = True) -> list[OpenedShare] | str:
+                     check_signatures: bool = True) -> OpenedColumns | str:
     """Open ``entries`` ({item, key}) for node ``index``; a string is the refusal reason.
 
     ``check_signatures=False`` skips the device's Ed25519 signature on each plaintext; see
     docs/processing.md ("Authenticity of node inputs") for what that does and does not give up.
     """
-    pre = PreKeyPair.from_bytes(pre_bytes)
-    pre_id = pre.key_id
-    policies = {owner: Policy.parse(text) for owner, text in selectors.items()}
-    share_attr = f"share:{index}"
-    out: list[OpenedShare] = []
+    opener = _Opener(PreKeyPair.from_bytes(pre_bytes), index, owner_of, selectors, fields,
+                     check_signatures)
+    twins: list[str] = []
+    devices: list[str] = []
+    seqs: list[int] = []
+    times: list[float] = []
+    values: list[tuple[int, ...]] = []
     for entry in entries:
         where = "item"
         try:
             item = decode_item(entry["item"])
-            twin, seq, device = item["twin"], item["seq"], item["device"]
-            where = f"twin {twin} seq {seq}"
-            owner = owner_of.get(twin)
-            if owner is None:
-                raise ValidationError("twin is not part of this job")
-            raw_token = item["token"]
-            tkey = hashlib.sha256(owner + raw_token).digest()
-            token = _TOKENS.get(tkey)
-            if token is None:
-                token = WriteToken.from_bytes(raw_token)
-                verify_write_token(token, VerifyKey(owner), twin=twin, now=token.not_before)
-                _remember(_TOKENS, tkey, token)
-            if token.twin != twin or token.device != device:
-                raise ValidationError("write token names another twin or device")
-            if not token.not_before - 300 <= item["time"] < token.not_after + 300:
-                raise ValidationError("item time is outside its write token's validity")
-            attrs = tuple(item["attrs"])
-            ok = _ALLOWED.get((tkey, attrs))
-            if ok is None:
-                ok = all(token.allows_attribute(a) for a in attrs)
-                _remember(_ALLOWED, (tkey, attrs), ok)
-            if not ok:
-                raise ValidationError("attributes are not allowed by the write token")
-            if share_attr not in attrs or not policies[owner].allows(attrs):
-                raise ValidationError(f"attributes are not {share_attr} within the token's subset")
-            kkey = hashlib.sha256(pre_id + entry["key"]).digest()
-            got = _KEYS.get(kkey)
-            if got is None:
-                got = key_from_recapsule(pre, entry["key"])
-                _remember(_KEYS, kkey, got)
-            cid, key = got
-            if cid != item["capsule_id"]:
-                raise ValidationError("key material is for another capsule")
-            sealed = SealedItem.from_bytes(item["sealed"])
-            if sealed.capsule_id != item["capsule_id"]:
-                raise ValidationError("sealed item names another capsule")
-            inner = decode_inner(open_sealed(sealed, key, item_aad(twin, device, seq, attrs)))
-            reading = inner["reading"]
-            if check_signatures:
-                token.device_key.verify_object(
-                    ITEM_DATA_CONTEXT,
-                    {"twin": twin, "device": device, "seq": seq, "reading": reading},
-                    inner["sig"])
-            out.append(OpenedShare(twin, seq, float(item["time"]), _values(reading, index, fields),
-                                   device))
+            where = f"twin {item['twin']} seq {item['seq']}"
+            twin, device, seq, when, vals = opener.open(item, entry["key"])
         except _REFUSED as exc:
             return f"input refused ({where}): {type(exc).__name__}: {exc}"[:256]
-    return out
+        twins.append(twin)
+        devices.append(device)
+        seqs.append(seq)
+        times.append(when)
+        values.append(vals)
+    columns = (np.array(values, dtype=np.uint64).reshape(len(values), len(fields)).T
+               if values else np.zeros((len(fields), 0), dtype=np.uint64))
+    return OpenedColumns(twins, devices, np.array(seqs, dtype=np.uint64),
+                         np.array(times, dtype=np.float64),
+                         {f: np.ascontiguousarray(columns[i]) for i, f in enumerate(fields)})
 
 
-def _values(reading: object, index: int, fields: Sequence[str]) -> dict[str, int]:
+def _values(reading: object, index: int, fields: Sequence[str]) -> tuple[int, ...]:
     if not isinstance(reading, dict) or reading.get("share") != index:
         raise ValidationError(f"reading is not share {index}")
     values = reading.get("values")
     if not isinstance(values, dict):
         raise ValidationError("reading has no values")
-    out = {}
+    out = []
     for f in fields:
         v = values.get(f)
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < _RING:
             raise ValidationError(f"field {f!r} is not a ring element")
-        out[f] = v
-    return out
+        out.append(v)
+    return tuple(out)
