@@ -5,13 +5,22 @@ outlive broker restarts and network cuts, so this class owns a supervisor task t
 with exponential back-off and jitter, re-subscribes everything, and hands each message to a
 per-subscription worker so one slow or failing handler neither blocks the others nor kills
 the loop.
+
+Receiving is the hot path of the cloud (thousands of messages per second), so two costs of
+the libraries underneath are cut: paho reads every packet with three or more ``recv`` calls
+and one event-loop wake-up (a read buffer, :class:`_BufferedSocket`, serves a whole burst
+from one ``recv``), and aiomqtt's message iterator creates a task per message (messages are
+routed to the subscriptions straight from paho's callback instead, :class:`_Inbox`, with the
+matching subscriptions of each topic remembered).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,6 +49,71 @@ Handler = Callable[[str, bytes, bool], Awaitable[None]]
 
 _AUTH_REFUSED = {4, 5, 0x86, 0x87}  # 3.1.1 bad credentials / not authorised, and MQTT 5 codes
 _SUBACK_FAILURE = 0x80
+_READ_CHUNK = 256 * 1024
+_ROUTES_LIMIT = 10_000
+
+
+class _BufferedSocket:
+    """A plain TCP socket as paho sees it, with a read buffer.
+
+    paho asks for the type byte, each length byte and the body separately; one large
+    ``recv`` answers them all. ``pending()`` tells aiomqtt (which asks it of TLS sockets) that
+    buffered bytes remain, so its reader keeps parsing instead of waiting for the next
+    wake-up. Everything else is the socket's own.
+    """
+
+    __slots__ = ("_sock", "_buf", "_pos")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._pos >= len(self._buf):
+            data = self._sock.recv(max(size, _READ_CHUNK))  # BlockingIOError passes through
+            if len(data) <= size:
+                return data
+            self._buf, self._pos = data, 0
+        start, self._pos = self._pos, min(self._pos + size, len(self._buf))
+        return self._buf[start : self._pos]
+
+    def pending(self) -> int:
+        return len(self._buf) - self._pos
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _buffer_reads(client: aiomqtt.Client) -> None:
+    """Make paho read plain TCP through :class:`_BufferedSocket` (TLS sockets buffer
+    already). Leaves the client alone if the library internals are not as expected."""
+    paho = getattr(client, "_client", None)
+    create = getattr(paho, "_create_socket", None)
+    if create is None:
+        return
+
+    def create_buffered() -> Any:
+        sock = create()
+        return _BufferedSocket(sock) if type(sock) is socket.socket else sock
+
+    paho._create_socket = create_buffered  # type: ignore[union-attr]
+
+
+class _Inbox(asyncio.Queue):  # type: ignore[type-arg]
+    """Stands in for aiomqtt's incoming queue: paho's callback puts each message here and it
+    is delivered at once, so nothing waits on this queue per message (aiomqtt's iterator
+    still waits on it, and still ends when the connection drops)."""
+
+    def __init__(self, deliver: Callable[[aiomqtt.Message], None], maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self._deliver = deliver
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        self._deliver(item)
 
 
 @dataclass(eq=False)
@@ -97,6 +171,8 @@ class BusClient:
         max_inflight: int = 200,
         queue_size: int = 10_000,
     ) -> None:
+        """``queue_size``: backlog of one subscription above which ``bus.backlog`` is logged
+        (messages are never dropped: QoS 1 has been acknowledged to the broker already)."""
         if not isinstance(host, str) or not host:
             raise ValidationError(f"invalid broker host {host!r}")
         if not isinstance(port, int) or not 0 < port < 65536:
@@ -121,6 +197,7 @@ class BusClient:
         self._inflight = asyncio.Semaphore(max_inflight)
 
         self._subs: dict[str, _Subscription] = {}
+        self._routes: dict[str, tuple[_Subscription, ...]] = {}
         self._waiters: dict[str, asyncio.Future[bytes]] = {}
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -182,6 +259,7 @@ class BusClient:
         for sub in self._subs.values():
             sub.workers.clear()
         self._subs.clear()
+        self._routes.clear()
         self._connected.clear()
         self._client = None
 
@@ -214,13 +292,14 @@ class BusClient:
             raise BusError(f"already subscribed to {topic_filter!r}")
         if not 1 <= concurrency <= 64:
             raise ValidationError("concurrency must be within 1..64")
-        sub = _Subscription(topic_filter, handler, qos, asyncio.Queue(self._queue_size))
+        sub = _Subscription(topic_filter, handler, qos, asyncio.Queue())
         if handler is not None:
             sub.workers = [
                 asyncio.create_task(self._worker(sub), name=f"bus-handler:{topic_filter}")
                 for _ in range(concurrency)
             ]
         self._subs[topic_filter] = sub
+        self._routes.clear()
         try:
             client = await self._wait_client(self.publish_timeout)
             await self._subscribe_on(client, sub)
@@ -310,6 +389,7 @@ class BusClient:
         sub = self._subs.pop(topic_filter, None)
         if sub is None:
             return False
+        self._routes.clear()
         for w in sub.workers:
             w.cancel()
         return True
@@ -353,7 +433,9 @@ class BusClient:
             tls_context=self._tls_context,
             max_inflight_messages=self._max_inflight,
             timeout=self.publish_timeout,
+            queue_type=functools.partial(_Inbox, self._deliver),  # type: ignore[arg-type]
         )
+        _buffer_reads(client)
         # aiomqtt warns on every call above this; concurrency is bounded by _inflight instead
         client.pending_calls_threshold = 1 << 30
         return client
@@ -385,8 +467,8 @@ class BusClient:
                         self._log.info("bus.connected")
                         if self._first_connect and not self._first_connect.done():
                             self._first_connect.set_result(None)
-                    async for message in client.messages:
-                        await self._dispatch(message)
+                    async for message in client.messages:  # only ends (see _Inbox)
+                        self._deliver(message)
             except aiomqtt.MqttError as exc:  # noqa: PERF203
                 rc = getattr(exc, "rc", None)
                 rc = getattr(rc, "value", rc)
@@ -407,7 +489,9 @@ class BusClient:
             await asyncio.sleep(self._backoff_delay(attempt))
             attempt += 1
 
-    async def _dispatch(self, message: aiomqtt.Message) -> None:
+    def _deliver(self, message: aiomqtt.Message) -> None:
+        """Hand a message to its request waiter and to the queue of every matching
+        subscription (called from paho's read callback: must not block)."""
         topic = message.topic.value
         payload = message.payload
         if not isinstance(payload, bytes):
@@ -415,9 +499,23 @@ class BusClient:
         waiter = self._waiters.get(topic)
         if waiter is not None and not waiter.done():
             waiter.set_result(payload)
-        for sub in list(self._subs.values()):
-            if sub.handler is not None and message.topic.matches(sub.filter):
-                await sub.queue.put((topic, payload, bool(message.retain)))
+        entry = (topic, payload, bool(message.retain))
+        for sub in self._route(message.topic):
+            sub.queue.put_nowait(entry)
+            if sub.queue.qsize() == self._queue_size:
+                self._log.warning("bus.backlog", filter=sub.filter, queued=self._queue_size)
+
+    def _route(self, topic: aiomqtt.Topic) -> tuple[_Subscription, ...]:
+        """Subscriptions with a handler whose filter matches ``topic``; remembered per topic
+        (matching every filter costs more than everything else per message)."""
+        subs = self._routes.get(topic.value)
+        if subs is None:
+            subs = tuple(s for s in self._subs.values()
+                         if s.handler is not None and topic.matches(s.filter))
+            if len(self._routes) >= _ROUTES_LIMIT:
+                self._routes.clear()
+            self._routes[topic.value] = subs
+        return subs
 
     async def _worker(self, sub: _Subscription) -> None:
         assert sub.handler is not None

@@ -2,9 +2,15 @@
 
 Items arrive one per MQTT message; they are queued and taken in batches (whatever queued
 up while the previous batch was busy, up to ``max_batch``), so one SQLite commit and one
-thread hop cover many items. Per batch: schema and binding checks on the event loop (cheap, they read the trust
-registry), signatures and new capsules in a worker thread, one commit, then one ack per
-device listing exactly the stored sequence numbers (and the refused ones, with reasons).
+pool call cover many items. Per batch: schema and binding checks on the event loop (cheap,
+they read the trust registry), signatures and new capsules on the process pool (only the raw
+envelope bytes cross: pickling decoded bodies cost more than decoding them again), one
+commit, then one ack per device listing exactly the stored sequence numbers (and the refused
+ones, with reasons).
+
+Throughput: acks and the live fan-out of a committed batch run in a background task while
+the next batch is checked — awaiting the brokers' PUBACKs for every device before taking
+the next batch used to cost as much as everything else together.
 """
 
 from __future__ import annotations
@@ -14,12 +20,12 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from ciphertwin.bus.envelope import Envelope, encode
+from ciphertwin.bus.envelope import Envelope, encode, unpack_checked
 from ciphertwin.cloud_twin.store import Outcome, StoredEnvelope, TwinStore
 from ciphertwin.cloud_twin.trust import Owner, Rejected, TrustRegistry
 from ciphertwin.crypto.errors import SignatureInvalid
@@ -91,39 +97,49 @@ class CapsuleIndex:
         return self._info.get(capsule_id)
 
 
-@dataclass(frozen=True, slots=True)
-class SignedCheck:
-    """What a worker needs to check one item: plain data, so it can cross to a process."""
-
-    body: dict[str, Any]
-    device_key: bytes
-    attributes: tuple[str, ...]
-    capsule: bytes | None
-    owner_pre_id: bytes
+SignedCheck = tuple[bytes, bytes, bytes]
+"""(envelope bytes that passed ``decode_item``, device key, owner's PRE key id): raw bytes
+only, the cheapest thing to pickle to a worker process."""
 
 
 def expensive_checks(work: list[SignedCheck]) -> list[str | None]:
     """Worker: outer signature, and a new capsule's points, id, attributes and owner key."""
-    reasons: list[str | None] = []
-    for w in work:
-        try:
-            verify_item_signature(w.body, VerifyKey(w.device_key))
-            if w.capsule is not None:
-                capsule = Capsule.from_bytes(w.capsule)
-                if capsule.capsule_id != w.body["capsule_id"]:
-                    raise Rejected("capsule id does not match the capsule")
-                if capsule.attributes != w.attributes:
-                    raise Rejected("item attributes differ from its capsule's")
-                if capsule.owner_id != w.owner_pre_id:
-                    raise Rejected("capsule is not under the twin owner's key")
-            reasons.append(None)
-        except SignatureInvalid:
-            reasons.append(BAD_SIGNATURE)
-        except Rejected as exc:
-            reasons.append(exc.reason)
-        except ValidationError as exc:
-            reasons.append(f"malformed capsule: {exc}")
-    return reasons
+    keys: dict[bytes, VerifyKey] = {}
+    return [_expensive_check(unpack_checked(payload), keys.get(device_key)
+                             or keys.setdefault(device_key, VerifyKey(device_key)), owner_pre_id)
+            for payload, device_key, owner_pre_id in work]
+
+
+def _expensive_check(body: dict[str, Any], device_key: VerifyKey,
+                     owner_pre_id: bytes) -> str | None:
+    """None if the item's signature (and new capsule, if any) is good, else the reason."""
+    try:
+        verify_item_signature(body, device_key)
+        if "capsule" in body:
+            capsule = Capsule.from_bytes(body["capsule"])
+            if capsule.capsule_id != body["capsule_id"]:
+                raise Rejected("capsule id does not match the capsule")
+            if capsule.attributes != tuple(body["attrs"]):
+                raise Rejected("item attributes differ from its capsule's")
+            if capsule.owner_id != owner_pre_id:
+                raise Rejected("capsule is not under the twin owner's key")
+    except SignatureInvalid:
+        return BAD_SIGNATURE
+    except Rejected as exc:
+        return exc.reason
+    except ValidationError as exc:
+        return f"malformed capsule: {exc}"
+    return None
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What a committed batch still owes: acks (and refusals) per device, live fan-out."""
+
+    accepted: list[AcceptedItem] = field(default_factory=list)
+    acks: dict[tuple[str, str], list[int]] = field(default_factory=lambda: defaultdict(list))
+    refusals: dict[tuple[str, str], list[dict[str, object]]] = field(
+        default_factory=lambda: defaultdict(list))
 
 
 class IngestPipeline:
@@ -136,15 +152,17 @@ class IngestPipeline:
         publish_ack: Callable[[str, str, bytes], Awaitable[None]],
         on_stored: Callable[[list[AcceptedItem]], Awaitable[None]],
         *,
-        max_batch: int = 1000,
+        max_batch: int = 2000,
         queue_size: int = 50_000,
         executor: Executor | None = None,
+        finish_backlog: int = 4,
     ) -> None:
         self.store, self.trust = store, trust
         self.capsules = CapsuleIndex(store)
         self._publish_ack = publish_ack
         self._on_stored = on_stored
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(queue_size)
+        self._committed: asyncio.Queue[BatchResult] = asyncio.Queue(finish_backlog)
         self.max_batch = max_batch
         self._executor = executor
         self.stored = 0
@@ -154,34 +172,79 @@ class IngestPipeline:
         await self._queue.put((twin, payload))
 
     async def run(self) -> None:
-        """Forever: take what is queued (up to ``max_batch``) and process it as one batch.
+        """Forever: take what is queued (up to ``max_batch``), check and commit it as one
+        batch, and leave its acks and fan-out to a second task.
 
         No timer: while one batch is being checked and committed the next one queues up,
-        so batches grow with the load and latency stays minimal when it is light.
+        so batches grow with the load and latency stays minimal when it is light. The
+        hand-over queue is short, so acks never lag far behind commits.
         """
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.max_batch:
+        finisher = asyncio.create_task(self._finish_forever(), name="ingest:finish")
+        try:
+            while True:
+                batch = await self._next_batch()
                 try:
-                    batch.append(self._queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
+                    result = await self.check_and_store(batch)
+                except Exception:  # noqa: BLE001 - keep ingesting; nothing was acknowledged
+                    log.exception("ingest.batch_failed", size=len(batch))
+                    continue
+                await self._committed.put(result)
+        finally:
+            finisher.cancel()
+            await asyncio.gather(finisher, return_exceptions=True)
+
+    async def _next_batch(self) -> list[tuple[str, bytes]]:
+        batch = [await self._queue.get()]
+        while len(batch) < self.max_batch:
             try:
-                await self.process(batch)
-            except Exception:  # noqa: BLE001 - keep ingesting; nothing was acknowledged
-                log.exception("ingest.batch_failed", size=len(batch))
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return batch
+
+    async def _finish_forever(self) -> None:
+        while True:
+            result = await self._committed.get()
+            try:
+                await self.finish(result)
+            except Exception:  # noqa: BLE001 - devices resend what stays unacknowledged
+                log.exception("ingest.finish_failed", size=len(result.accepted))
 
     async def process(self, batch: list[tuple[str, bytes]]) -> list[AcceptedItem]:
         """Check, store and acknowledge one batch; return the newly stored items."""
-        acks: dict[tuple[str, str], list[int]] = defaultdict(list)
-        refusals: dict[tuple[str, str], list[dict[str, object]]] = defaultdict(list)
+        result = await self.check_and_store(batch)
+        await self.finish(result)
+        return result.accepted
+
+    async def check_and_store(self, batch: list[tuple[str, bytes]]) -> BatchResult:
+        """Every check, then one commit; nothing is acknowledged yet (see ``finish``)."""
+        result = BatchResult()
+        decoded = self._decode_all(batch, result)
+        await self.capsules.prefetch({e["capsule_id"] for _, e, _ in decoded})
+        candidates = self._cheap_pass(decoded, result)
+        good = await self._expensive_pass(candidates, result)
+        await self._store(good, result)
+        return result
+
+    async def finish(self, result: BatchResult) -> None:
+        """After the commit: acks (all devices at once), then the live fan-out."""
+        await self._send_acks(result.acks, result.refusals)
+        if result.accepted:
+            await self._on_stored(result.accepted)
+
+    def _decode_all(self, batch: list[tuple[str, bytes]],
+                    result: BatchResult) -> list[tuple[str, Envelope, bytes]]:
         decoded: list[tuple[str, Envelope, bytes]] = []
         for twin, payload in batch:
             try:
                 decoded.append((twin, decode_item(payload), payload))
             except ValidationError as exc:
-                self._refuse(None, twin, None, f"malformed item: {exc}", refusals)
-        await self.capsules.prefetch({e["capsule_id"] for _, e, _ in decoded})
+                self._refuse(None, twin, None, f"malformed item: {exc}", result.refusals)
+        return decoded
+
+    def _cheap_pass(self, decoded: list[tuple[str, Envelope, bytes]],
+                    result: BatchResult) -> list[Candidate]:
+        """Schema-level, token and binding checks; reserve new bindings for this batch."""
         now = time.time()
         self.trust.begin_batch()
         candidates: list[Candidate] = []
@@ -189,16 +252,21 @@ class IngestPipeline:
             try:
                 candidate = self._cheap_checks(twin, item, payload, now)
             except Rejected as exc:
-                self._refuse(item, twin, item["device"], exc.reason, refusals,
+                self._refuse(item, twin, item["device"], exc.reason, result.refusals,
                              notify=self._authentic(item, now))
                 continue
             candidates.append(candidate)
             self.trust.reserve(twin, candidate.owner, item["device"], candidate.device_key)
             if candidate.capsule_bytes is not None:  # later items of this batch may use it
                 self.capsules.remember(item["capsule_id"], twin, candidate.attributes)
+        return candidates
+
+    async def _expensive_pass(self, candidates: list[Candidate],
+                              result: BatchResult) -> list[Candidate]:
+        """Signatures and new capsules on the pool; an item whose capsule was refused goes
+        too, even if its own signature is good."""
         reasons = await self._run_checks([
-            SignedCheck(c.item.body, c.device_key.raw, c.attributes, c.capsule_bytes,
-                        c.owner.pre_pk.key_id) for c in candidates])
+            (c.payload, c.device_key.raw, c.owner.pre_pk.key_id) for c in candidates])
         refused_capsules = {c.item["capsule_id"] for c, r in zip(candidates, reasons, strict=True)
                             if r is not None and c.capsule_bytes is not None}
         good: list[Candidate] = []
@@ -208,10 +276,13 @@ class IngestPipeline:
             if r is None:
                 good.append(c)
             else:  # only a bad signature leaves the sender unknown
-                self._refuse(c.item, c.item["twin"], c.item["device"], r, refusals,
+                self._refuse(c.item, c.item["twin"], c.item["device"], r, result.refusals,
                              notify=r != BAD_SIGNATURE)
         self.capsules.forget(refused_capsules)
+        return good
 
+    async def _store(self, good: list[Candidate], result: BatchResult) -> None:
+        """New capsules, then the envelopes in one commit; bind first-use names after it."""
         new_capsules = [
             (c.item["capsule_id"], c.item["twin"], c.attributes, c.capsule_bytes)
             for c in good if c.capsule_bytes is not None
@@ -223,23 +294,18 @@ class IngestPipeline:
                            c.attributes, float(c.item["time"]), c.payload)
             for c in good
         ])
-        accepted: list[AcceptedItem] = []
         for c, outcome in zip(good, outcomes, strict=True):
             twin, device, seq = c.item["twin"], c.item["device"], c.item["seq"]
             if outcome is Outcome.CONFLICT:
                 self._refuse(c.item, twin, device, "another item is stored under this seq",
-                             refusals, notify=True)
+                             result.refusals, notify=True)
                 continue
-            acks[(twin, device)].append(seq)
+            result.acks[(twin, device)].append(seq)
             if outcome is Outcome.NEW:
                 await self.trust.bind(twin, c.owner, device, c.device_key)
-                accepted.append(AcceptedItem(twin, device, seq, c.attributes,
-                                             c.item["capsule_id"], c.owner, c.payload))
-        self.stored += len(accepted)
-        await self._send_acks(acks, refusals)
-        if accepted:
-            await self._on_stored(accepted)
-        return accepted
+                result.accepted.append(AcceptedItem(twin, device, seq, c.attributes,
+                                                    c.item["capsule_id"], c.owner, c.payload))
+        self.stored += len(result.accepted)
 
     async def _run_checks(self, work: list[SignedCheck]) -> list[str | None]:
         """Signatures and capsules off the event loop: on the process pool when given (Ed25519
@@ -303,10 +369,17 @@ class IngestPipeline:
 
     async def _send_acks(self, acks: dict[tuple[str, str], list[int]],
                          refusals: dict[tuple[str, str], list[dict[str, object]]]) -> None:
-        for key in set(acks) | set(refusals):
-            twin, device = key
-            body = {"seqs": acks.get(key, []), "rejected": refusals.get(key, [])}
-            try:
-                await self._publish_ack(twin, device, encode("ack", body))
-            except Exception as exc:  # noqa: BLE001 - the device will resend; we stored it
-                log.warning("ingest.ack_failed", twin=twin, device=device, error=str(exc))
+        """One ack per device, all in flight together (one broker round trip, not one per
+        device)."""
+        await asyncio.gather(*(
+            self._send_ack(twin, device, acks.get((twin, device), []),
+                           refusals.get((twin, device), []))
+            for twin, device in dict.fromkeys([*acks, *refusals])))
+
+    async def _send_ack(self, twin: str, device: str, seqs: list[int],
+                        rejected: list[dict[str, object]]) -> None:
+        try:
+            await self._publish_ack(twin, device, encode("ack", {"seqs": seqs,
+                                                                 "rejected": rejected}))
+        except Exception as exc:  # noqa: BLE001 - the device will resend; we stored it
+            log.warning("ingest.ack_failed", twin=twin, device=device, error=str(exc))
