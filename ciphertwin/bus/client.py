@@ -88,19 +88,23 @@ class _BufferedSocket:
         return getattr(self._sock, name)
 
 
-def _buffer_reads(client: aiomqtt.Client) -> None:
-    """Make paho read plain TCP through :class:`_BufferedSocket` (TLS sockets buffer
-    already). Leaves the client alone if the library internals are not as expected."""
+def _tune_socket(client: aiomqtt.Client) -> None:
+    """Make paho's socket send small packets at once (TCP_NODELAY: paho leaves Nagle on,
+    which holds an ack back until the previous one is acknowledged — tens of ms each) and
+    read plain TCP through :class:`_BufferedSocket` (TLS sockets buffer already). Leaves
+    the client alone if the library internals are not as expected."""
     paho = getattr(client, "_client", None)
     create = getattr(paho, "_create_socket", None)
     if create is None:
         return
 
-    def create_buffered() -> Any:
+    def create_tuned() -> Any:
         sock = create()
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _BufferedSocket(sock) if type(sock) is socket.socket else sock
 
-    paho._create_socket = create_buffered  # type: ignore[union-attr]
+    paho._create_socket = create_tuned  # type: ignore[union-attr]
 
 
 class _Inbox(asyncio.Queue):  # type: ignore[type-arg]
@@ -435,7 +439,7 @@ class BusClient:
             timeout=self.publish_timeout,
             queue_type=functools.partial(_Inbox, self._deliver),  # type: ignore[arg-type]
         )
-        _buffer_reads(client)
+        _tune_socket(client)
         # aiomqtt warns on every call above this; concurrency is bounded by _inflight instead
         client.pending_calls_threshold = 1 << 30
         return client
