@@ -29,7 +29,7 @@ import structlog
 
 from ciphertwin.bus.envelope import Envelope, decode, encode
 from ciphertwin.cloud_twin.grants import ActiveGrant
-from ciphertwin.cloud_twin.store import WindowGroup, WindowItem
+from ciphertwin.cloud_twin.store import WindowGroup
 from ciphertwin.cloud_twin.trust import Rejected
 from ciphertwin.crypto import wire
 from ciphertwin.crypto.errors import TokenRejected
@@ -397,26 +397,24 @@ class JobManager:
         """Per node, the batch's {item, key} entries: one query, one pool call for all nodes."""
         rows = await self.cloud.store.window_items(twins, env["since"], env["until"],
                                                    plan.stored_until)
-        wanted: list[tuple[int, WindowItem, ActiveGrant]] = []
-        seen: Counter[tuple[str, bytes, tuple[str, ...]]] = Counter()
+        groups: dict[GroupKey, list[bytes]] = {}
         for r in rows:
-            key = (r.twin, r.capsule_id, r.attributes)
-            chosen = plan.grants.get(key)
-            if chosen is None:
-                continue  # no node's grant admits it (the plan saw it too), or new: see below
-            seen[key] += 1
-            wanted.extend((i, r, g) for i, g in enumerate(chosen) if g is not None)
-        if seen != plan.expected_for(twins):
+            groups.setdefault((r.twin, r.capsule_id, r.attributes), []).append(r.payload)
+        admitted = {k: v for k, v in groups.items() if k in plan.grants}
+        if Counter({k: len(v) for k, v in admitted.items()}) != plan.expected_for(twins):
             raise JobFailed("stored inputs changed while the job ran; submit it again")
-        keys = await self.cloud._recapsules_for(
-            list(dict.fromkeys((r.capsule_id, g) for _, r, g in wanted)), {})
+        pairs = {(k[1], g.grant_id): (k[1], g) for k in admitted for g in plan.grants[k] if g}
+        keys = await self.cloud._recapsules_for(list(pairs.values()), {})
         out: list[list[dict[str, bytes]]] = [[], [], []]
-        for i, r, g in wanted:
-            key = keys.get((r.capsule_id, g.grant_id))
-            if key is None:
-                raise JobFailed(f"twin {r.twin}: a capsule could not be re-encrypted "
-                                f"for node {i} (grant {g.grant_id})")
-            out[i].append({"item": r.payload, "key": key})
+        for k, payloads in admitted.items():
+            for i, g in enumerate(plan.grants[k]):
+                if g is None:
+                    continue
+                key = keys.get((k[1], g.grant_id))
+                if key is None:
+                    raise JobFailed(f"twin {k[0]}: a capsule could not be re-encrypted "
+                                    f"for node {i} (grant {g.grant_id})")
+                out[i].extend({"item": p, "key": key} for p in payloads)
         return out
 
     async def _publish_chunks(self, job: str, roster: NodeRoster, first: int, total: int,
