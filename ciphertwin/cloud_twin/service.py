@@ -64,6 +64,8 @@ class CloudTwin:
         self.ingest = IngestPipeline(store, self.trust, self._publish_ack, self._fan_out,
                                      executor=self.pool.executor)
         self._recapsules: OrderedDict[tuple[bytes, str], bytes] = OrderedDict()
+        self._twin_of: dict[str, str] = {}
+        self._capsule_cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
         self.jobs = JobManager(self)  # processing jobs (6+); set jobs.operator to pin the roster key
 
@@ -91,7 +93,12 @@ class CloudTwin:
 
     # -- data ---------------------------------------------------------------------------
     async def _on_data(self, topic: str, payload: bytes, retain: bool) -> None:
-        twin = self.topics.parse(topic)["twin"]
+        twin = self._twin_of.get(topic)
+        if twin is None:  # parsing a topic costs as much as queueing the item: remember it
+            twin = self.topics.parse(topic)["twin"]
+            if len(self._twin_of) >= 100_000:
+                self._twin_of.clear()
+            self._twin_of[topic] = twin
         await self.ingest.submit(twin, payload)
 
     async def _publish_ack(self, twin: str, device: str, payload: bytes) -> None:
@@ -100,7 +107,7 @@ class CloudTwin:
     async def _fan_out(self, items: list[AcceptedItem]) -> None:
         """Live stream: new items to their owner, re-encrypted to matching grantees — one
         message per (twin, reader) per ingest batch."""
-        capsules = await self.store.get_capsules([i.capsule_id for i in items])
+        capsules = await self._capsules([i.capsule_id for i in items])
         batches: dict[tuple[str, str, str | None], list[dict[str, bytes]]] = {}
         for item in items:
             batches.setdefault((item.twin, item.owner.name, None), []).append(
@@ -116,6 +123,19 @@ class CloudTwin:
                     {"item": item.payload, "key": key})
         await asyncio.gather(*(self._stream(twin, reader, entries, grant_id)
                                for (twin, reader, grant_id), entries in batches.items()))
+
+    async def _capsules(self, capsule_ids: Sequence[bytes]) -> dict[bytes, bytes]:
+        """Stored capsules by id, remembered: a key epoch's capsule serves many items, and a
+        store query per ingest batch would queue behind (and delay) the next commit."""
+        found = {c: v for c in capsule_ids if (v := self._capsule_cache.get(c)) is not None}
+        missing = [c for c in dict.fromkeys(capsule_ids) if c not in found]
+        if missing:
+            fetched = await self.store.get_capsules(missing)
+            found.update(fetched)
+            self._capsule_cache.update(fetched)
+            while len(self._capsule_cache) > 10_000:
+                self._capsule_cache.popitem(last=False)
+        return found
 
     async def _stream(self, twin: str, reader: str, entries: list[dict[str, bytes]],
                       grant_id: str | None) -> None:
@@ -143,7 +163,7 @@ class CloudTwin:
         if todo:
             missing = [cid for cid, _ in todo if cid not in capsules]
             if missing:
-                capsules = {**capsules, **await self.store.get_capsules(missing)}
+                capsules = {**capsules, **await self._capsules(missing)}
             results = await self.pool.reencrypt(
                 [(g.grant.rekey, capsules[cid]) for cid, g in todo]
             )
@@ -256,7 +276,7 @@ class CloudTwin:
     async def readable(self, reader: str, twin: str,
                        rows: Sequence[StoredEnvelope]) -> list[Keyed]:
         """The rows ``reader`` may read, each with key material for it (owner or grantee)."""
-        capsules = await self.store.get_capsules([r.capsule_id for r in rows])
+        capsules = await self._capsules([r.capsule_id for r in rows])
         owner = self.trust.owner_of_twin(twin)
         if owner is not None and owner.name == reader:
             return [Keyed(r, capsules[r.capsule_id], None) for r in rows]
