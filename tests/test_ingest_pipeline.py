@@ -10,7 +10,13 @@ from pathlib import Path
 import msgpack
 
 from ciphertwin.bus.envelope import decode
-from ciphertwin.cloud_twin.ingest import BAD_SIGNATURE, BatchResult, IngestPipeline, expensive_checks
+from ciphertwin.cloud_twin.ingest import (
+    BAD_SIGNATURE,
+    CHECK_FAILED,
+    BatchResult,
+    IngestPipeline,
+    expensive_checks,
+)
 from ciphertwin.cloud_twin.store import SqliteTwinStore
 from ciphertwin.cloud_twin.trust import TrustRegistry
 from ciphertwin.crypto.epochs import DataKeyManager
@@ -48,6 +54,9 @@ def test_expensive_checks_take_raw_envelope_bytes() -> None:
                              (forged, device_key, owner_id)]) == [None, None, BAD_SIGNATURE]
     assert expensive_checks([(first, device_key, wrong_owner)]) == [
         "capsule is not under the twin owner's key"]
+    # bytes that never passed decode (a bug, not an input) fail one item, not the batch
+    assert expensive_checks([(b"\xc1", device_key, owner_id), (first, device_key, owner_id)]
+                            ) == [CHECK_FAILED, None]
 
 
 class _Acks:

@@ -37,11 +37,14 @@ from ciphertwin.protocol.items import decode_item, verify_item_signature
 log = structlog.get_logger(__name__)
 
 BAD_SIGNATURE = "bad signature"
+CHECK_FAILED = "signature could not be checked"
+SENDER_UNPROVEN = frozenset({BAD_SIGNATURE, CHECK_FAILED})
+"""Refusals after which the named device is not told: nothing proves it sent the item."""
 
 
 @dataclass(slots=True)
 class Candidate:
-    """An item that passed the cheap checks; expensive ones run in a worker thread."""
+    """An item that passed the cheap checks; expensive ones run on the process pool."""
 
     item: Envelope
     payload: bytes
@@ -105,15 +108,22 @@ only, the cheapest thing to pickle to a worker process."""
 def expensive_checks(work: list[SignedCheck]) -> list[str | None]:
     """Worker: outer signature, and a new capsule's points, id, attributes and owner key."""
     keys: dict[bytes, VerifyKey] = {}
-    return [_expensive_check(unpack_checked(payload), keys.get(device_key)
-                             or keys.setdefault(device_key, VerifyKey(device_key)), owner_pre_id)
+    return [_expensive_check(payload, _verify_key(keys, device_key), owner_pre_id)
             for payload, device_key, owner_pre_id in work]
 
 
-def _expensive_check(body: dict[str, Any], device_key: VerifyKey,
-                     owner_pre_id: bytes) -> str | None:
+def _verify_key(cache: dict[bytes, VerifyKey], raw: bytes) -> VerifyKey:
+    """A batch holds many items per device: parse each device key once."""
+    key = cache.get(raw)
+    if key is None:
+        key = cache[raw] = VerifyKey(raw)
+    return key
+
+
+def _expensive_check(payload: bytes, device_key: VerifyKey, owner_pre_id: bytes) -> str | None:
     """None if the item's signature (and new capsule, if any) is good, else the reason."""
     try:
+        body = unpack_checked(payload)
         verify_item_signature(body, device_key)
         if "capsule" in body:
             capsule = Capsule.from_bytes(body["capsule"])
@@ -129,6 +139,8 @@ def _expensive_check(body: dict[str, Any], device_key: VerifyKey,
         return exc.reason
     except ValidationError as exc:
         return f"malformed capsule: {exc}"
+    except Exception:  # noqa: BLE001 - one odd item must not fail the whole batch
+        return CHECK_FAILED
     return None
 
 
@@ -275,9 +287,9 @@ class IngestPipeline:
                 r = "its capsule was refused"
             if r is None:
                 good.append(c)
-            else:  # only a bad signature leaves the sender unknown
+            else:
                 self._refuse(c.item, c.item["twin"], c.item["device"], r, result.refusals,
-                             notify=r != BAD_SIGNATURE)
+                             notify=r not in SENDER_UNPROVEN)
         self.capsules.forget(refused_capsules)
         return good
 
