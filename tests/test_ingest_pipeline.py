@@ -150,3 +150,24 @@ async def test_finish_failure_is_logged_and_ingest_goes_on(tmp_path: Path) -> No
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await store.close()
+
+
+async def test_signatures_of_known_devices_are_checked_while_decoding(tmp_path: Path) -> None:
+    acks = _Acks()
+    acks.release.set()
+    pipeline, store = await _pipeline(tmp_path, acks)
+    _, items = _items("t1", "d1", range(1, 6))
+    body = msgpack.unpackb(items[4], raw=False)
+    body["seq"] = 99  # the signature no longer covers the fields
+    forged = msgpack.packb(dict(sorted(body.items())), use_bin_type=True)
+    try:
+        first = pipeline.prepare([("t1", items[0])])
+        assert first.speculative == [None]  # its write token is new: checked in stage 2
+        assert len((await pipeline.check_and_store(first)).accepted) == 1
+        later = pipeline.prepare([("t1", p) for p in (*items[1:4], forged)])
+        assert all(w is not None for w in later.speculative)  # token known: pool at once
+        result = await pipeline.check_and_store(later)
+        assert [a.seq for a in result.accepted] == [2, 3, 4]
+        assert pipeline.rejected == 1 and not result.refusals  # forger is not told
+    finally:
+        await store.close()

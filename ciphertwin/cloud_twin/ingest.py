@@ -8,9 +8,20 @@ envelope bytes cross: pickling decoded bodies cost more than decoding them again
 commit, then one ack per device listing exactly the stored sequence numbers (and the refused
 ones, with reasons).
 
-Throughput: acks and the live fan-out of a committed batch run in a background task while
-the next batch is checked — awaiting the brokers' PUBACKs for every device before taking
-the next batch used to cost as much as everything else together.
+Throughput — three stages, each a task, so that the pool, the event loop and the disk work
+at the same time:
+
+1. *prepare*: take a batch, decode it and send the signatures of items whose write token is
+   already verified to the pool at once (the device key depends on nothing else); take the
+   next batch when the pool is done;
+2. *check and store*: binding and capsule checks (they read state the previous batch
+   changed, so batches pass this stage one by one and in order), the pool's verdicts, one
+   commit, first-use bindings;
+3. *finish*: acks (all devices at once) and the live fan-out — awaiting the broker's PUBACK
+   for each device before taking the next batch used to cost as much as everything else.
+
+Stage 2 uses a verdict of stage 1 only for exactly the (payload, device key, owner key) it
+checks itself; anything else is verified there, as before.
 """
 
 from __future__ import annotations
@@ -42,6 +53,11 @@ SENDER_UNPROVEN = frozenset({BAD_SIGNATURE, CHECK_FAILED})
 """Refusals after which the named device is not told: nothing proves it sent the item."""
 
 
+SignedCheck = tuple[bytes, bytes, bytes]
+"""(envelope bytes that passed ``decode_item``, device key, owner's PRE key id): raw bytes
+only, the cheapest thing to pickle to a worker process."""
+
+
 @dataclass(slots=True)
 class Candidate:
     """An item that passed the cheap checks; expensive ones run on the process pool."""
@@ -52,6 +68,11 @@ class Candidate:
     device_key: VerifyKey
     attributes: tuple[str, ...]
     capsule_bytes: bytes | None
+    index: int = -1
+    """Position in the prepared batch (where its speculative check, if any, is)."""
+
+    def check(self) -> SignedCheck:
+        return (self.payload, self.device_key.raw, self.owner.pre_pk.key_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +121,6 @@ class CapsuleIndex:
         return self._info.get(capsule_id)
 
 
-SignedCheck = tuple[bytes, bytes, bytes]
-"""(envelope bytes that passed ``decode_item``, device key, owner's PRE key id): raw bytes
-only, the cheapest thing to pickle to a worker process."""
 
 
 def expensive_checks(work: list[SignedCheck]) -> list[str | None]:
@@ -145,6 +163,18 @@ def _expensive_check(payload: bytes, device_key: VerifyKey, owner_pre_id: bytes)
 
 
 @dataclass(slots=True)
+class Prepared:
+    """A decoded batch whose signatures are already being checked on the pool."""
+
+    decoded: list[tuple[str, Envelope, bytes]]
+    speculative: list[SignedCheck | None]
+    """Per decoded item: what was sent to the pool (None: nothing, its token is new)."""
+    verdicts: asyncio.Future[list[str | None]]
+    """One verdict per non-None entry of ``speculative``, in order."""
+    result: BatchResult
+
+
+@dataclass(slots=True)
 class BatchResult:
     """What a committed batch still owes: acks (and refusals) per device, live fan-out."""
 
@@ -152,6 +182,14 @@ class BatchResult:
     acks: dict[tuple[str, str], list[int]] = field(default_factory=lambda: defaultdict(list))
     refusals: dict[tuple[str, str], list[dict[str, object]]] = field(
         default_factory=lambda: defaultdict(list))
+
+
+def _discard(fut: asyncio.Future[Any]) -> None:
+    """Cancel a future nobody will await (or mark its exception as seen)."""
+    if not fut.done():
+        fut.cancel()
+    elif not fut.cancelled():
+        fut.exception()
 
 
 class IngestPipeline:
@@ -184,26 +222,39 @@ class IngestPipeline:
         await self._queue.put((twin, payload))
 
     async def run(self) -> None:
-        """Forever: take what is queued (up to ``max_batch``), check and commit it as one
-        batch, and leave its acks and fan-out to a second task.
+        """Forever: the three stages (see the module docstring), joined by short queues.
 
         No timer: while one batch is being checked and committed the next one queues up,
         so batches grow with the load and latency stays minimal when it is light. The
-        hand-over queue is short, so acks never lag far behind commits.
+        hand-over queues are short, so work never piles up between stages.
         """
-        finisher = asyncio.create_task(self._finish_forever(), name="ingest:finish")
+        prepared: asyncio.Queue[Prepared] = asyncio.Queue(1)
+        helpers = [asyncio.create_task(self._prepare_forever(prepared), name="ingest:prepare"),
+                   asyncio.create_task(self._finish_forever(), name="ingest:finish")]
         try:
             while True:
-                batch = await self._next_batch()
+                batch = await prepared.get()
                 try:
                     result = await self.check_and_store(batch)
                 except Exception:  # noqa: BLE001 - keep ingesting; nothing was acknowledged
-                    log.exception("ingest.batch_failed", size=len(batch))
+                    log.exception("ingest.batch_failed", size=len(batch.decoded))
                     continue
                 await self._committed.put(result)
         finally:
-            finisher.cancel()
-            await asyncio.gather(finisher, return_exceptions=True)
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            while not prepared.empty():
+                _discard(prepared.get_nowait().verdicts)
+
+    async def _prepare_forever(self, out: asyncio.Queue[Prepared]) -> None:
+        """Feed the pool one batch at a time: the next batch is taken when the pool is done
+        with this one, so batches grow to what arrives meanwhile (small batches cost more
+        per item: pool calls, commits, acks)."""
+        while True:
+            prepared = self.prepare(await self._next_batch())
+            await out.put(prepared)
+            await asyncio.wait([prepared.verdicts])
 
     async def _next_batch(self) -> list[tuple[str, bytes]]:
         batch = [await self._queue.get()]
@@ -224,19 +275,34 @@ class IngestPipeline:
 
     async def process(self, batch: list[tuple[str, bytes]]) -> list[AcceptedItem]:
         """Check, store and acknowledge one batch; return the newly stored items."""
-        result = await self.check_and_store(batch)
+        result = await self.check_and_store(self.prepare(batch))
         await self.finish(result)
         return result.accepted
 
-    async def check_and_store(self, batch: list[tuple[str, bytes]]) -> BatchResult:
-        """Every check, then one commit; nothing is acknowledged yet (see ``finish``)."""
+    def prepare(self, batch: list[tuple[str, bytes]]) -> Prepared:
+        """Decode, and start checking the signatures whose device key is known already."""
         result = BatchResult()
         decoded = self._decode_all(batch, result)
-        await self.capsules.prefetch({e["capsule_id"] for _, e, _ in decoded})
-        candidates = self._cheap_pass(decoded, result)
-        good = await self._expensive_pass(candidates, result)
-        await self._store(good, result)
-        return result
+        speculative = [self._known_check(item, payload) for _, item, payload in decoded]
+        verdicts = asyncio.ensure_future(
+            self._run_checks([w for w in speculative if w is not None]))
+        return Prepared(decoded, speculative, verdicts, result)
+
+    def _known_check(self, item: Envelope, payload: bytes) -> SignedCheck | None:
+        signer = self.trust.known_signer(item["token"])
+        return None if signer is None else (payload, *signer)
+
+    async def check_and_store(self, prepared: Prepared) -> BatchResult:
+        """Every check, then one commit; nothing is acknowledged yet (see ``finish``)."""
+        try:
+            result = prepared.result
+            await self.capsules.prefetch({e["capsule_id"] for _, e, _ in prepared.decoded})
+            candidates = self._cheap_pass(prepared.decoded, result)
+            good = await self._expensive_pass(candidates, prepared, result)
+            await self._store(good, result)
+            return result
+        finally:
+            _discard(prepared.verdicts)
 
     async def finish(self, result: BatchResult) -> None:
         """After the commit: acks (all devices at once), then the live fan-out."""
@@ -260,9 +326,10 @@ class IngestPipeline:
         now = time.time()
         self.trust.begin_batch()
         candidates: list[Candidate] = []
-        for twin, item, payload in decoded:
+        for index, (twin, item, payload) in enumerate(decoded):
             try:
                 candidate = self._cheap_checks(twin, item, payload, now)
+                candidate.index = index
             except Rejected as exc:
                 self._refuse(item, twin, item["device"], exc.reason, result.refusals,
                              notify=self._authentic(item, now))
@@ -273,12 +340,11 @@ class IngestPipeline:
                 self.capsules.remember(item["capsule_id"], twin, candidate.attributes)
         return candidates
 
-    async def _expensive_pass(self, candidates: list[Candidate],
+    async def _expensive_pass(self, candidates: list[Candidate], prepared: Prepared,
                               result: BatchResult) -> list[Candidate]:
-        """Signatures and new capsules on the pool; an item whose capsule was refused goes
-        too, even if its own signature is good."""
-        reasons = await self._run_checks([
-            (c.payload, c.device_key.raw, c.owner.pre_pk.key_id) for c in candidates])
+        """Signatures and new capsules (from the pool); an item whose capsule was refused
+        goes too, even if its own signature is good."""
+        reasons = await self._verdicts(candidates, prepared)
         refused_capsules = {c.item["capsule_id"] for c, r in zip(candidates, reasons, strict=True)
                             if r is not None and c.capsule_bytes is not None}
         good: list[Candidate] = []
@@ -318,6 +384,19 @@ class IngestPipeline:
                 result.accepted.append(AcceptedItem(twin, device, seq, c.attributes,
                                                     c.item["capsule_id"], c.owner, c.payload))
         self.stored += len(result.accepted)
+
+    async def _verdicts(self, candidates: list[Candidate],
+                        prepared: Prepared) -> list[str | None]:
+        """Per candidate: the speculative verdict if it checked exactly this candidate's
+        (payload, device key, owner key), else a verdict computed now."""
+        speculative = iter(await prepared.verdicts)
+        known = {i: next(speculative) for i, w in enumerate(prepared.speculative)
+                 if w is not None}
+        late = [c for c in candidates if prepared.speculative[c.index] != c.check()]
+        late_verdicts = dict(zip((c.index for c in late),
+                                 await self._run_checks([c.check() for c in late]), strict=True))
+        return [late_verdicts[c.index] if c.index in late_verdicts else known[c.index]
+                for c in candidates]
 
     async def _run_checks(self, work: list[SignedCheck]) -> list[str | None]:
         """Signatures and capsules off the event loop: on the process pool when given (Ed25519

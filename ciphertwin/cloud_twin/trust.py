@@ -121,6 +121,15 @@ class TrustRegistry:
             raise Rejected("twin belongs to another owner")
         return token, owner
 
+    def known_signer(self, token_bytes: bytes) -> tuple[bytes, bytes] | None:
+        """(device key, owner's PRE key id) of a write token verified before, else None:
+        lets signatures be checked ahead of ``write_token``, which still decides."""
+        token = self._tokens.get(token_digest(token_bytes))
+        owner = self._owner_by_key.get(token.issuer.raw) if token is not None else None
+        if token is None or owner is None:
+            return None
+        return token.device_key.raw, owner.pre_pk.key_id
+
     def check_device(self, twin: str, device: str, device_key: VerifyKey) -> None:
         """Raise unless the twin's ``device`` is unbound or bound (or being bound) to this key."""
         name = _device_slot(twin, device)
