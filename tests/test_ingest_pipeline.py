@@ -171,3 +171,20 @@ async def test_signatures_of_known_devices_are_checked_while_decoding(tmp_path: 
         assert pipeline.rejected == 1 and not result.refusals  # forger is not told
     finally:
         await store.close()
+
+
+async def test_large_acks_are_split_within_the_kind_limits(tmp_path: Path) -> None:
+    acks = _Acks()
+    acks.release.set()
+    pipeline, store = await _pipeline(tmp_path, acks)
+    try:
+        result, later = BatchResult(), BatchResult()
+        result.acks[("t", "d")] = list(range(1, 1501))
+        later.acks[("t", "d")] = list(range(1501, 2001))
+        later.refusals[("t", "d")] = [{"seq": s, "reason": "x" * 256} for s in range(1, 1201)]
+        result.absorb(later)  # what the finisher does with batches that queued up
+        await pipeline.finish(result)
+        assert acks.started == [("t", "d")] * 2
+        assert acks.seqs == {("t", "d"): set(range(1, 2001))}
+    finally:
+        await store.close()

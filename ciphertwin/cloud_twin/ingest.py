@@ -51,6 +51,9 @@ BAD_SIGNATURE = "bad signature"
 CHECK_FAILED = "signature could not be checked"
 SENDER_UNPROVEN = frozenset({BAD_SIGNATURE, CHECK_FAILED})
 """Refusals after which the named device is not told: nothing proves it sent the item."""
+ACK_CHUNK = 1000
+"""Seqs (and refusals) per ack message: 1000 refusals with 256-character reasons stay
+within the ack kind's 512 KiB."""
 
 
 SignedCheck = tuple[bytes, bytes, bytes]
@@ -183,6 +186,14 @@ class BatchResult:
     refusals: dict[tuple[str, str], list[dict[str, object]]] = field(
         default_factory=lambda: defaultdict(list))
 
+    def absorb(self, other: BatchResult) -> None:
+        """Take over what ``other`` (a later batch) owes: one ack per device covers both."""
+        self.accepted += other.accepted
+        for key, seqs in other.acks.items():
+            self.acks[key] += seqs
+        for key, refused in other.refusals.items():
+            self.refusals[key] += refused
+
 
 def _discard(fut: asyncio.Future[Any]) -> None:
     """Cancel a future nobody will await (or mark its exception as seen)."""
@@ -202,7 +213,7 @@ class IngestPipeline:
         publish_ack: Callable[[str, str, bytes], Awaitable[None]],
         on_stored: Callable[[list[AcceptedItem]], Awaitable[None]],
         *,
-        max_batch: int = 2000,
+        max_batch: int = 1000,
         queue_size: int = 50_000,
         executor: Executor | None = None,
         finish_backlog: int = 4,
@@ -266,8 +277,12 @@ class IngestPipeline:
         return batch
 
     async def _finish_forever(self) -> None:
+        """Acks and fan-out; batches committed meanwhile are finished together (when the
+        machine is busy, fewer and larger acks and stream messages)."""
         while True:
             result = await self._committed.get()
+            while not self._committed.empty():
+                result.absorb(self._committed.get_nowait())
             try:
                 await self.finish(result)
             except Exception:  # noqa: BLE001 - devices resend what stays unacknowledged
@@ -469,8 +484,10 @@ class IngestPipeline:
 
     async def _send_ack(self, twin: str, device: str, seqs: list[int],
                         rejected: list[dict[str, object]]) -> None:
-        try:
-            await self._publish_ack(twin, device, encode("ack", {"seqs": seqs,
-                                                                 "rejected": rejected}))
-        except Exception as exc:  # noqa: BLE001 - the device will resend; we stored it
-            log.warning("ingest.ack_failed", twin=twin, device=device, error=str(exc))
+        """One message per ``ACK_CHUNK`` seqs and refusals (the ack kind's limits)."""
+        for i in range(0, max(len(seqs), len(rejected)), ACK_CHUNK):
+            body = {"seqs": seqs[i : i + ACK_CHUNK], "rejected": rejected[i : i + ACK_CHUNK]}
+            try:
+                await self._publish_ack(twin, device, encode("ack", body))
+            except Exception as exc:  # noqa: BLE001 - the device will resend; we stored it
+                log.warning("ingest.ack_failed", twin=twin, device=device, error=str(exc))
