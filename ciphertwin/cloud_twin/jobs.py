@@ -5,11 +5,14 @@ The cloud never opens anything here. For a job it:
 1. checks the request (function and parameters, roster known, each owner registered, owns
    the twin, and holds a stored process token admitting the function class, the receiver key
    and the current roster — the nodes check all of it again, the cloud only avoids useless work);
-2. takes the twins' stored items in the job window and, per node i, keeps those that node i's
-   grants admit (their policy is ``share:i AND <subset>``, so only share-i items pass), then
-   re-encrypts their capsules for node i on the :class:`ReencryptionPool` — cached per
-   (capsule, grant) in memory and in the store, so a repeated job does no pairing work;
-3. sends each node its chunked inputs (``nodes/{node}/inputs/{job}``), chunk 0 with the spec;
+2. plans from one grouped query (per twin, capsule and attribute set: count and size) which
+   items each node i gets — those node i's grants admit (policy ``share:i AND <subset>``, so
+   only share-i items pass), matched once per group — and fixes counts and batches;
+3. sends each node chunk 0 with the spec (``nodes/{node}/inputs/{job}``), then streams the
+   batches: per batch one query, one :class:`ReencryptionPool` call for the distinct
+   (capsule, grant) pairs of all nodes — cached per (capsule, grant) in memory and in the
+   store, so a repeated job does no pairing work — and the batch's chunks, re-encrypting
+   batch k+1 while the nodes open batch k;
 4. keeps a retained status on ``jobs/{job}/status``: queued → reencrypting (progress) → sent →
    computing (round k of n, from the nodes' signed reports) → done, or failed with a reason
    (a node refused, a node reported a failure, or a node went silent).
