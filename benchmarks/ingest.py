@@ -157,6 +157,12 @@ def _publish_packets(topic: str, payloads: list[bytes]) -> list[bytes]:
     return [_packet(0x32, head + (i + 1).to_bytes(2, "big") + p) for i, p in enumerate(payloads)]
 
 
+RESEND_AFTER = 5.0
+"""Seconds without any new ack after which a device sends its unacknowledged items again
+(as the device agent does): a broker may drop QoS 1 messages to a subscriber whose queue is
+full — Mosquitto's default ``max_queued_messages`` is 1 000, less than 10 devices × 256."""
+
+
 class RawDevice(asyncio.Protocol):
     """One device as a bare MQTT 3.1.1 connection: pre-built publishes, a window of items the
     cloud has not acknowledged yet, PUBACKs for the cloud's QoS 1 acks. No task per item."""
@@ -171,6 +177,9 @@ class RawDevice(asyncio.Protocol):
         self.subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buf = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.resent = 0
+        self._acked_before = -1
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -187,6 +196,24 @@ class RawDevice(asyncio.Protocol):
         if not self.first:
             self.first.append(time.perf_counter())
         self._send_up_to(self.window)
+        self._watch()
+
+    def _watch(self) -> None:
+        """Every RESEND_AFTER seconds: no progress since the last look → resend (DUP)."""
+        if self.done.done() or self.transport is None:
+            return
+        if len(self.acked) == self._acked_before:
+            missing = [i for i in range(self.sent) if i + 1 not in self.acked]
+            self.transport.write(b"".join(b"\x3a" + self.packets[i][1:] for i in missing))
+            self.resent += len(missing)
+        self._acked_before = len(self.acked)
+        self._timer = asyncio.get_running_loop().call_later(RESEND_AFTER, self._watch)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
 
     def _send_up_to(self, limit: int) -> None:
         end = min(limit, len(self.packets))
@@ -259,8 +286,11 @@ async def _raw_devices(port: int, prefix: str, work: list[tuple[str, str, list[b
         return list(await asyncio.wait_for(asyncio.gather(*(d.done for d in devices)), 300))
     finally:
         for d in devices:
-            if d.transport is not None:
-                d.transport.close()
+            d.stop()
+        if any(d.resent for d in devices):
+            print(f"note: {sum(d.resent for d in devices)} items sent again after "
+                  f"{RESEND_AFTER:.0f} s without progress (the broker dropped them)",
+                  file=sys.stderr)
 
 
 async def _bus_devices(port: int, prefix: str, work: list[tuple[str, str, list[bytes]]],
@@ -280,6 +310,13 @@ def _child_pids(pid: int) -> list[int]:
         except (OSError, IndexError, ValueError):
             continue
     return out
+
+
+def _show_logs(root: Path, lines: int = 20) -> None:
+    """The services' last warnings, when a run fails (their files go with the temp dir)."""
+    for log in sorted(root.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        print(f"--- {log.name} (last {len(tail)} lines)", *tail, sep="\n", file=sys.stderr)
 
 
 def _pids_named(name: str) -> list[int]:
@@ -338,6 +375,9 @@ async def run(broker: str, items: int, devices: int, window: int, via: str = "ra
                     "seconds": round(seconds, 3), "cloud_cpu_s": cpu["cloud"],
                     "cpu_s_during_run": cpu,
                     "cpu_us_per_envelope": {k: round(v / total * 1e6) for k, v in cpu.items()}}
+        except BaseException:
+            _show_logs(root)
+            raise
         finally:
             for p in procs:
                 p.terminate()
