@@ -14,7 +14,7 @@ Layers of one item (kind ``item``, published on ``twins/{twin}/data``):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,9 +41,13 @@ ITEM_CONTEXT = "item"
 ITEM_DATA_CONTEXT = "item-data"
 
 
-def item_aad(twin: str, device: str, seq: int, attributes: tuple[str, ...]) -> bytes:
-    """Associated data binding a sealed reading to its place in the twin."""
-    return canonical(["ct/item", twin, device, seq, list(attributes)])
+def item_aad(twin: str, device: str, seq: int, attributes: Sequence[str]) -> bytes:
+    """Associated data binding a sealed reading to its place in the twin.
+
+    This is ``canonical([...])``; a list of strings and an int holds no map to sort, so
+    packing directly gives the same bytes at a sixth of the cost (nodes compute it per item;
+    tests/test_processing_share_open.py checks the equality)."""
+    return msgpack.packb(["ct/item", twin, device, seq, list(attributes)], use_bin_type=True)
 
 
 def _unsigned(body: Mapping[str, Any]) -> dict[str, Any]:
