@@ -13,7 +13,7 @@ a minimal MQTT 3.1.1 connection writing pre-built PUBLISH packets (``--devices-v
 The result lists the CPU seconds of every process involved, so it shows who was busy.
 
     python benchmarks/ingest.py [--items 20000] [--devices 10] [--window 80]
-                                [--devices-via raw|bus] [--pool-workers 1] [--json]
+                                [--devices-via raw|bus] [--pool-workers 0] [--json]
 
 Set CT_PROFILE=1 to write cProfile output of the cloud and broker to /tmp/prof-*.out.
 """
@@ -341,7 +341,7 @@ def _cpu_snapshot(broker: str, procs: list[subprocess.Popen[bytes]]) -> dict[str
 
 
 async def run(broker: str, items: int, devices: int, window: int, via: str = "raw",
-              pool_workers: int = 1) -> dict[str, object]:
+              pool_workers: int = 0) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="ct-ingest-") as tmp:
         root = Path(tmp)
         prefix = f"bench-{secrets.token_hex(4)}/v1"
@@ -394,8 +394,9 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--window", type=int, default=80, help="unacknowledged items per device")
     ap.add_argument("--brokers", default="amqtt,mosquitto")
-    ap.add_argument("--pool-workers", type=int, default=1,
-                    help="the cloud's process pool (signature checks); 0 = one per core")
+    ap.add_argument("--pool-workers", type=int, default=0,
+                    help="the cloud's process pool (signature checks); "
+                         "0 = one per core, as `ciphertwin cloud` runs by default")
     ap.add_argument("--devices-via", choices=("raw", "bus"), default="raw",
                     help="raw: bare MQTT connections (cheap); bus: one BusClient per device")
     ap.add_argument("--json", action="store_true")
