@@ -188,3 +188,34 @@ async def test_large_acks_are_split_within_the_kind_limits(tmp_path: Path) -> No
         assert acks.seqs == {("t", "d"): set(range(1, 2001))}
     finally:
         await store.close()
+
+
+async def test_items_overtaking_their_capsule_are_not_refused_and_store_on_resend(
+        tmp_path: Path) -> None:
+    """The epoch's capsule travels in its first item; if that one is lost or overtaken, the
+    later items must not get a (final) refusal — the device resends them after the capsule."""
+    told: list[dict[str, object]] = []
+    stored: set[int] = set()
+
+    async def publish_ack(twin: str, device: str, payload: bytes) -> None:
+        ack = decode(payload, "ack")
+        stored.update(ack["seqs"])
+        told.extend(ack["rejected"])
+
+    store = SqliteTwinStore(tmp_path / "cloud.sqlite")
+    await store.open()
+    try:
+        trust = TrustRegistry(store)
+        await trust.register_owner("alice", OWNER_SIG.verify_key, OWNER_PRE.public)
+
+        async def on_stored(items: object) -> None:
+            return None
+
+        pipeline = IngestPipeline(store, trust, publish_ack, on_stored)
+        _, (first, second, third) = _items("t1", "d1", range(1, 4))
+        assert await pipeline.process([("t1", second), ("t1", third)]) == []
+        assert told == [] and stored == set()
+        accepted = await pipeline.process([("t1", first), ("t1", second), ("t1", third)])
+        assert len(accepted) == 3 and stored == {1, 2, 3} and told == []
+    finally:
+        await store.close()

@@ -194,3 +194,28 @@ async def test_node_dying_mid_job_fails_the_job_without_output() -> None:
         assert "node2" in status["reason"] or "node 2" in status["reason"]
         await asyncio.sleep(0.5)
         assert len(w.receiver._jobs[status["job"]].shares) < 3
+
+
+async def test_phone_items_lost_on_the_way_are_resent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker may drop QoS 1 messages (a full subscriber queue): phones resend what the
+    cloud has not acknowledged, and the job still sees every point."""
+    import ciphertwin.demo.contact_tracing as ct
+
+    monkeypatch.setattr(ct, "RESEND_AFTER_S", 0.5)
+    paths = random_paths(2, 4, RADIUS, seed=11)
+    async with AsyncExitStack() as stack:
+        w, phones, owners = await _world(stack, "embedded")
+        real, dropped = phones.publish, []
+
+        async def lossy(topic: str, payload: bytes, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if "/data" in topic and len(dropped) < 2 and not dropped.count(payload):
+                dropped.append(payload)  # "acknowledged" by nobody: lost on the way
+                return None
+            return await real(topic, payload, *args, **kwargs)
+
+        monkeypatch.setattr(phones, "publish", lossy)
+        t0, _ = await prepare(w, paths, 1, owners, phones)
+        status, result = await process(w, paths, RADIUS, t0, owners, timeout=60)
+    assert len(dropped) == 2
+    assert status["state"] == "done", status.get("reason")
+    assert result.as_dict() == plaintext_reference(paths, RADIUS)

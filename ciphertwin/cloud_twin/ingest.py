@@ -94,6 +94,12 @@ class AcceptedItem:
 Publish = Callable[[str, bytes], Awaitable[None]]
 
 
+class CapsuleNotYetKnown(Rejected):
+    """An item of an epoch whose capsule has not arrived (yet): the capsule-carrying item was
+    lost between broker and cloud, or overtaken. Not told to the device — a refusal is final
+    for it — so it resends the item, oldest first, and the capsule comes first then."""
+
+
 class CapsuleIndex:
     """capsule_id -> (twin, attributes): items reuse their key epoch's capsule, and a capsule
     serves only the twin it was first stored for (else a grantee of one twin could be handed
@@ -346,8 +352,9 @@ class IngestPipeline:
                 candidate = self._cheap_checks(twin, item, payload, now)
                 candidate.index = index
             except Rejected as exc:
+                transient = isinstance(exc, CapsuleNotYetKnown)
                 self._refuse(item, twin, item["device"], exc.reason, result.refusals,
-                             notify=self._authentic(item, now))
+                             notify=not transient and self._authentic(item, now))
                 continue
             candidates.append(candidate)
             self.trust.reserve(twin, candidate.owner, item["device"], candidate.device_key)
@@ -446,7 +453,7 @@ class IngestPipeline:
             raise Rejected("capsule belongs to another twin")
         if capsule is None:
             if known is None:
-                raise Rejected("unknown capsule (send the epoch's capsule first)")
+                raise CapsuleNotYetKnown("unknown capsule (send the epoch's capsule first)")
             if known[1] != attrs:
                 raise Rejected("item attributes differ from its capsule's")
         return Candidate(item, payload, owner, token.device_key, attrs, capsule)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 from ciphertwin.agents.processing import (
     ResultReceiver,
@@ -53,6 +54,8 @@ from ciphertwin.mpc_nodes.service import ProcessingNode
 from ciphertwin.protocol.control import build_control, control_request_id
 from ciphertwin.protocol.items import DeviceCredentials, build_item
 from ciphertwin.protocol.jobs import build_roster
+
+log = structlog.get_logger(__name__)
 
 FRAC_BITS = 4  # coordinates in 1/16 m
 COORD_BITS, EPOCH_BITS = 24, 16
@@ -313,27 +316,65 @@ def phone_items(phone: Phone, path: Sequence[tuple[int, float, float]], t0: floa
     return out
 
 
+SYNC_WINDOW = 600
+"""Items awaiting the cloud's ack across all phones: below a broker's queue for one
+subscriber (Mosquitto's default ``max_queued_messages`` is 1,000; beyond it QoS 1 messages
+to the cloud are dropped), as the device agent's outbox window does."""
+RESEND_AFTER_S = 15.0
+"""No ack for this long: publish what is unacknowledged again (the store is idempotent)."""
+MAX_STALLS = 8
+
+
 async def sync_phones(world: World, paths: dict[str, list[tuple[int, float, float]]],
                       t0: float, bus: BusClient,
                       record: list[dict[str, Any]] | None = None) -> dict[str, float]:
-    """Every phone uploads its share items; returns when the cloud acknowledged all of them."""
-    expected = {u: 3 * len(p) for u, p in paths.items()}
+    """Every phone uploads its share items; returns when the cloud acknowledged all of them.
+
+    Like the device agent: a bounded window of unacknowledged items, resent in order after a
+    silence, and a refusal by the cloud is an error (the demo's inputs would be incomplete).
+    """
     acked: dict[str, set[int]] = {u: set() for u in paths}
-    all_done = asyncio.Event()
-    remaining = [sum(expected.values())]
+    unacked: dict[str, list[bytes]] = {}  # phones with items in flight -> all their items
+    refused: list[str] = []
+    progress = asyncio.Event()
 
     async def on_ack(topic: str, payload: bytes, retain: bool) -> None:
         twin = bus.topics.parse(topic)["twin"]
-        env = decode(payload, "ack")
         got = acked.get(twin)
         if got is None:
             return
-        before = len(got)
+        env = decode(payload, "ack")
         got.update(env["seqs"])
-        got.update(r["seq"] for r in env["rejected"])
-        remaining[0] -= len(got) - before
-        if remaining[0] <= 0:
-            all_done.set()
+        for r in env["rejected"]:
+            got.add(r["seq"])
+            refused.append(f"{twin} seq {r['seq']}: {r['reason']}")
+        progress.set()
+
+    def in_flight() -> int:
+        for user in [u for u, items in unacked.items() if len(acked[u]) >= len(items)]:
+            del unacked[user]
+        return sum(len(items) - len(acked[u]) for u, items in unacked.items())
+
+    async def publish(user: str, items: Sequence[bytes]) -> None:
+        topic = bus.topics.twin_data(user)
+        await asyncio.gather(*(bus.publish(topic, it) for it in items))
+
+    async def wait_for_room(limit: int) -> None:
+        stalls = 0
+        while in_flight() > limit:
+            progress.clear()
+            try:
+                await asyncio.wait_for(progress.wait(), RESEND_AFTER_S)
+                stalls = 0
+            except TimeoutError:
+                stalls += 1
+                if stalls > MAX_STALLS:
+                    raise TimeoutError(f"cloud acknowledged nothing for "
+                                       f"{stalls * RESEND_AFTER_S:.0f} s") from None
+                log.warning("demo.sync_resend", phones=len(unacked), items=in_flight())
+                for user, items in list(unacked.items()):
+                    await publish(user, [it for seq, it in enumerate(items, 1)
+                                         if seq not in acked[user]])
 
     await bus.subscribe(bus.topics.filter("ack"), on_ack)
     build_s = 0.0
@@ -342,10 +383,14 @@ async def sync_phones(world: World, paths: dict[str, list[tuple[int, float, floa
         b0 = time.perf_counter()
         items = phone_items(world.phones[user], path, t0, record)
         build_s += time.perf_counter() - b0
-        await asyncio.gather(*(bus.publish(bus.topics.twin_data(user), it) for it in items))
-    await asyncio.wait_for(all_done.wait(), timeout=600)
+        await wait_for_room(max(0, SYNC_WINDOW - len(items)))
+        unacked[user] = items
+        await publish(user, items)
+    await wait_for_room(0)
     wall = time.perf_counter() - t_start
     await bus.unsubscribe(bus.topics.filter("ack"))
+    if refused:
+        raise RuntimeError(f"the cloud refused {len(refused)} item(s), e.g. {refused[0]}")
     return {"sync_wall_s": wall, "device_build_s": build_s}
 
 
