@@ -28,10 +28,26 @@ class GrantBook:
     def __init__(self, store: TwinStore) -> None:
         self.store = store
         self._by_id: dict[str, ActiveGrant] = {}
+        self._by_twin: dict[str, dict[str, ActiveGrant]] = {}
+        """twin -> grant id -> grant: per-item lookups cost what the twin has, not what the
+        cloud holds (tens of thousands of grants with many users)."""
 
     async def load(self) -> None:
         for grant in await self.store.active_grants():
-            self._by_id[grant.grant_id] = ActiveGrant(grant, Policy.parse(grant.policy))
+            self._add(ActiveGrant(grant, Policy.parse(grant.policy)))
+
+    def _add(self, active: ActiveGrant) -> None:
+        self._by_id[active.grant_id] = active
+        for twin in active.grant.twins:
+            self._by_twin.setdefault(twin, {})[active.grant_id] = active
+
+    def _remove(self, active: ActiveGrant) -> None:
+        del self._by_id[active.grant_id]
+        for twin in active.grant.twins:
+            of_twin = self._by_twin.get(twin, {})
+            of_twin.pop(active.grant_id, None)
+            if not of_twin:
+                self._by_twin.pop(twin, None)
 
     async def install(self, grant: Grant) -> bool:
         """Install or replace (same owner, same id) a grant; False if the id is another
@@ -43,14 +59,14 @@ class GrantBook:
             await self.revoke(grant.owner, grant.grant_id, grant.created)
         active = ActiveGrant(grant, Policy.parse(grant.policy))
         await self.store.put_grant(grant)
-        self._by_id[grant.grant_id] = active
+        self._add(active)
         return True
 
     async def revoke(self, owner: str, grant_id: str, at: float) -> bool:
         found = self._by_id.get(grant_id)
         if found is None or found.grant.owner != owner:
             return False
-        del self._by_id[grant_id]  # memory first: nothing more is re-encrypted from now on
+        self._remove(found)  # memory first: nothing more is re-encrypted from now on
         await self.store.revoke_grant(owner, grant_id, at)
         return True
 
@@ -59,9 +75,7 @@ class GrantBook:
 
     def matching(self, twin: str, attributes: tuple[str, ...]) -> list[ActiveGrant]:
         """Grants over ``twin`` whose policy the attributes satisfy."""
-        return [g for g in self._by_id.values()
-                if twin in g.grant.twins and g.policy.allows(attributes)]
+        return [g for g in self._by_twin.get(twin, {}).values() if g.policy.allows(attributes)]
 
     def of_receiver(self, receiver: str, twin: str) -> list[ActiveGrant]:
-        return [g for g in self._by_id.values()
-                if g.grant.receiver == receiver and twin in g.grant.twins]
+        return [g for g in self._by_twin.get(twin, {}).values() if g.grant.receiver == receiver]

@@ -43,6 +43,7 @@ class TrustRegistry:
         self.store = store
         self.owners: dict[str, Owner] = {}
         self._owner_by_key: dict[bytes, Owner] = {}
+        self._pre_key_ids: set[bytes] = set()
         self._twin_owner: dict[str, bytes] = {}
         self._device_key: dict[str, bytes] = {}
         self._tokens: dict[bytes, WriteToken] = {}
@@ -63,6 +64,7 @@ class TrustRegistry:
     def _remember_owner(self, owner: Owner) -> None:
         self.owners[owner.name] = owner
         self._owner_by_key[owner.verify_key.raw] = owner
+        self._pre_key_ids.add(owner.pre_pk.key_id)
 
     async def register_owner(self, name: str, verify_key: VerifyKey, pre_pk: PrePublicKey) -> bool:
         """Bind an owner's keys on first use; True if new, False if already identical."""
@@ -73,7 +75,7 @@ class TrustRegistry:
             raise Rejected("owner already registered with other keys")
         if verify_key.raw in self._owner_by_key:
             raise Rejected("signing key already belongs to another owner")
-        if any(o.pre_pk.key_id == pre_pk.key_id for o in self.owners.values()):
+        if pre_pk.key_id in self._pre_key_ids:
             raise Rejected("PRE key already belongs to another owner")
         await self.store.put_kv("owner_pre", name, pre_pk.to_bytes())
         await self.store.put_kv("owner_vk", name, verify_key.raw)
