@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgpack
@@ -73,7 +74,8 @@ class _Acks:
         self.seqs.setdefault((twin, device), set()).update(decode(payload, "ack")["seqs"])
 
 
-async def _pipeline(tmp_path: Path, acks: _Acks) -> tuple[IngestPipeline, SqliteTwinStore]:
+async def _pipeline(tmp_path: Path, acks: Callable[[str, str, bytes], Awaitable[None]]
+                    ) -> tuple[IngestPipeline, SqliteTwinStore]:
     store = SqliteTwinStore(tmp_path / "cloud.sqlite")
     await store.open()
     trust = TrustRegistry(store)
@@ -202,16 +204,8 @@ async def test_items_overtaking_their_capsule_are_not_refused_and_store_on_resen
         stored.update(ack["seqs"])
         told.extend(ack["rejected"])
 
-    store = SqliteTwinStore(tmp_path / "cloud.sqlite")
-    await store.open()
+    pipeline, store = await _pipeline(tmp_path, publish_ack)
     try:
-        trust = TrustRegistry(store)
-        await trust.register_owner("alice", OWNER_SIG.verify_key, OWNER_PRE.public)
-
-        async def on_stored(items: object) -> None:
-            return None
-
-        pipeline = IngestPipeline(store, trust, publish_ack, on_stored)
         _, (first, second, third) = _items("t1", "d1", range(1, 4))
         assert await pipeline.process([("t1", second), ("t1", third)]) == []
         assert told == [] and stored == set()
