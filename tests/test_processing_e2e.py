@@ -219,3 +219,27 @@ async def test_phone_items_lost_on_the_way_are_resent(monkeypatch: pytest.Monkey
     assert len(dropped) == 2
     assert status["state"] == "done", status.get("reason")
     assert result.as_dict() == plaintext_reference(paths, RADIUS)
+
+
+async def test_garbage_node_inputs_are_rejected_and_jobs_still_run() -> None:
+    """Streamed node inputs: garbage bytes, a chunk naming another job than its topic, broken
+    chunk numbering and a spec-less chunk 0 are logged and dropped; no node dies of them."""
+    paths = random_paths(2, 4, RADIUS, seed=13)
+    async with AsyncExitStack() as stack:
+        w, phones, owners = await _world(stack, "embedded")
+        t0, _ = await prepare(w, paths, 1, owners, phones)
+        for node in w.roster.node_ids:
+            topic = owners.topics.node_inputs(node, "junk-1")
+            await owners.publish(topic, b"\xc1 not msgpack")
+            await owners.publish(topic, encode("node_inputs", {
+                "job": "junk-2", "chunk": 0, "chunks": 1, "items": []}))  # topic says junk-1
+            await owners.publish(topic, encode("node_inputs", {
+                "job": "junk-1", "chunk": 5, "chunks": 2, "items": []}))  # chunk out of range
+            await owners.publish(topic, encode("node_inputs", {
+                "job": "junk-1", "chunk": 0, "chunks": 2, "items": []}))  # no spec: never runs
+        await asyncio.sleep(0.3)
+        assert all("junk-1" not in n._running and "junk-2" not in n._running  # noqa: SLF001
+                   for n in w.nodes)
+        status, result = await process(w, paths, RADIUS, t0, owners, timeout=60)
+    assert status["state"] == "done", status.get("reason")
+    assert result.as_dict() == plaintext_reference(paths, RADIUS)
