@@ -12,6 +12,7 @@ sed "s|\.\./var|$WORKDIR/var|; s|port = 1884|port = ${PORT:-1884}|" \
 export CIPHERTWIN_CONFIG=$WORKDIR/deployment.toml
 export CIPHERTWIN_HOME=$WORKDIR/home                     # key folders of every principal
 export CIPHERTWIN_PASSPHRASE=${CIPHERTWIN_PASSPHRASE:-'correct horse battery staple'}
+export CIPHERTWIN_BUNDLE_PASSPHRASE=${CIPHERTWIN_BUNDLE_PASSPHRASE:-'tell the installer only'}
 export CIPHERTWIN_CLOUD_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 q="--log-level WARNING"
 pids=()
@@ -25,7 +26,7 @@ ciphertwin owner init --name alice                       # keys (passphrase) + b
 sleep 1
 ciphertwin $q owner register --name alice
 ciphertwin $q owner enroll-device --name alice --twin kitchen --device thermo1 \
-    --out "$WORKDIR/thermo1.bundle"
+    --out "$WORKDIR/thermo1.bundle"                      # sealed with the bundle passphrase
 ciphertwin device enroll "$WORKDIR/thermo1.bundle"       # on the device (a Raspberry Pi)
 ciphertwin $q device run --name thermo1 \
     --source '{"kind": "simulated", "sensor": "temperature", "interval_s": 0.05, "count": 20}' &

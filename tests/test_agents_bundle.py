@@ -225,12 +225,12 @@ def test_seal_open_with_and_without_passphrase(bundle: EnrollmentBundle) -> None
     flipped[-5] ^= 0x40
     with pytest.raises(ValidationError):
         open_bundle(bytes(flipped), "bundle-pw")
-    plain = seal_bundle(bundle, None)
-    assert open_bundle(plain, None).to_bytes() == bundle.to_bytes()
+    plain = seal_bundle(bundle, None, allow_plaintext=True)
+    assert open_bundle(plain, None, allow_plaintext=True).to_bytes() == bundle.to_bytes()
     for bad in (b"", b"junk", tweak(plain, protected=1), tweak(plain, body=None),
                 tweak(plain, body=b"\x80")):
         with pytest.raises(ValidationError):
-            open_bundle(bad, None)
+            open_bundle(bad, None, allow_plaintext=True)
 
 
 def test_write_bundle_is_private(tmp_path: Path, bundle: EnrollmentBundle) -> None:
@@ -249,7 +249,7 @@ def test_qr_without_segno_says_how_to_install(monkeypatch: pytest.MonkeyPatch, t
                                               bundle: EnrollmentBundle) -> None:
     monkeypatch.setitem(sys.modules, "segno", None)  # makes "import segno" fail
     with pytest.raises(QrUnavailable, match=r"pip install 'ciphertwin\[qr\]'"):
-        bundle_qr_png(seal_bundle(bundle, None), tmp_path / "q.png")
+        bundle_qr_png(seal_bundle(bundle, "pw", FAST), tmp_path / "q.png")
     with pytest.raises(ValidationError, match="QR code holds at most"):
         bundle_qr_png(b"x" * 5000, tmp_path / "q.png")
 

@@ -2,8 +2,11 @@
 
 The owner generates the device's keys, signs its write token and packs them with the owner's
 public keys, the broker connection, the key-epoch policy, the attribute rules and the source
-spec. The bundle carries secrets (device keys, broker password), so it is written 0600 and may
-be sealed with a passphrase (Argon2id + AES-GCM) for transport on a USB stick or as a QR code.
+spec. The bundle carries secrets (device keys, broker password), so it is always sealed with a
+passphrase (Argon2id + AES-GCM) and written 0600, fit for a USB stick or a QR code. The
+passphrase also authenticates the bundle: the device refuses a plaintext one, which anyone
+who handled the file could have read or replaced (``allow_plaintext`` exists for tests).
+The CLI takes the passphrase from ``$CIPHERTWIN_BUNDLE_PASSPHRASE``, stdin or a prompt.
 
 On the device, ``enroll_from_bundle`` turns it into a local identity (plaintext key file,
 since a Pi runs unattended, mode 0600) plus ``device.msgpack`` with the rest, and
@@ -19,7 +22,7 @@ import io
 import os
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,7 @@ __all__ = [
     "DeviceConfig",
     "QrUnavailable",
     "DEVICE_CONFIG_FILE",
+    "PASSPHRASE_ENV",
     "seal_bundle",
     "open_bundle",
     "write_bundle",
@@ -63,6 +67,7 @@ __all__ = [
 ]
 
 DEVICE_CONFIG_FILE = "device.msgpack"
+PASSPHRASE_ENV = "CIPHERTWIN_BUNDLE_PASSPHRASE"  # not the owner's key passphrase: it travels
 SOURCE_KINDS = ("simulated", "command", "stdin", "plugin")
 MAX_BUNDLE_BYTES = 256 * 1024
 QR_MAX_BYTES = 2953  # binary capacity of a version-40 QR code at error level L
@@ -276,25 +281,43 @@ class EnrollmentBundle:
                    **_parse_public(f))
 
 
+Passphrase = str | Callable[[], str] | None
+"""A passphrase, or a function asked for it only once the bundle turns out to be sealed."""
+
+
 def seal_bundle(bundle: EnrollmentBundle, passphrase: str | None,
-                params: Argon2Params = Argon2Params()) -> bytes:
-    """The bundle as bytes, encrypted under ``passphrase`` unless it is None."""
+                params: Argon2Params = Argon2Params(), *, allow_plaintext: bool = False) -> bytes:
+    """The bundle as bytes, encrypted under ``passphrase`` (None only with ``allow_plaintext``)."""
     if not isinstance(bundle, EnrollmentBundle):
         raise ValidationError("expected an EnrollmentBundle")
     raw = bundle.to_bytes()
     if passphrase is None:
+        if not allow_plaintext:
+            raise ValidationError(
+                "refusing to write an enrollment bundle without a passphrase: it holds the "
+                "device's secret keys and broker password"
+            )
         return wire.encode(_SEALED_TAG, {"protected": False, "body": raw})
     body = encrypt_with_passphrase(passphrase, raw, _AAD, params)
     return wire.encode(_SEALED_TAG, {"protected": True, "body": body})
 
 
-def open_bundle(data: bytes, passphrase: str | None) -> EnrollmentBundle:
-    """Inverse of ``seal_bundle``; a wrong passphrase raises a clear ``ValidationError``."""
+def open_bundle(data: bytes, passphrase: Passphrase, *,
+                allow_plaintext: bool = False) -> EnrollmentBundle:
+    """Inverse of ``seal_bundle``; a plaintext bundle is refused unless ``allow_plaintext``,
+    a wrong passphrase or any tampering raises a clear ``ValidationError``."""
     f = wire.decode(data, _SEALED_TAG, ("protected", "body"), max_bytes=MAX_BUNDLE_BYTES + 1024)
     protected, body = f.raw("protected"), f.bytes("body", max_len=MAX_BUNDLE_BYTES + 512)
     if not isinstance(protected, bool):
         raise ValidationError("sealed-bundle.protected must be true or false")
+    if not protected and not allow_plaintext:
+        raise ValidationError(
+            "refusing a plaintext enrollment bundle: anyone who handled it could have read or "
+            "replaced its keys; ask the owner for a passphrase-protected one"
+        )
     if protected:
+        if callable(passphrase):
+            passphrase = passphrase()
         if passphrase is None:
             raise ValidationError(
                 "the enrollment bundle is passphrase-protected: give the passphrase"
@@ -307,15 +330,18 @@ def open_bundle(data: bytes, passphrase: str | None) -> EnrollmentBundle:
 
 
 def write_bundle(path: str | os.PathLike[str], bundle: EnrollmentBundle, passphrase: str | None,
-                 params: Argon2Params = Argon2Params()) -> Path:
+                 params: Argon2Params = Argon2Params(), *,
+                 allow_plaintext: bool = False) -> Path:
     """Write the sealed bundle to ``path`` with mode 0600 (atomically)."""
-    return write_private_file(path, seal_bundle(bundle, passphrase, params), 0o600)
+    sealed = seal_bundle(bundle, passphrase, params, allow_plaintext=allow_plaintext)
+    return write_private_file(path, sealed, 0o600)
 
 
-def read_bundle(path: str | os.PathLike[str], passphrase: str | None) -> EnrollmentBundle:
+def read_bundle(path: str | os.PathLike[str], passphrase: Passphrase, *,
+                allow_plaintext: bool = False) -> EnrollmentBundle:
     """Read a bundle file (its mode is not enforced: it may come from removable media)."""
     data = read_private_file(path, MAX_BUNDLE_BYTES + 1024, require_private=False)
-    return open_bundle(data, passphrase)
+    return open_bundle(data, passphrase, allow_plaintext=allow_plaintext)
 
 
 def bundle_qr_png(bundle_bytes: bytes, path: str | os.PathLike[str], scale: int = 4) -> Path:

@@ -4,19 +4,26 @@ Each principal keeps its keys in a home folder (default ``~/.ciphertwin/<name>``
 identity (secret key file encrypted with a passphrase, except for unattended devices) and
 ``broker.secret`` with its broker login (0600). The broker address comes from the
 deployment file (``--config`` or ``$CIPHERTWIN_CONFIG``).
+
+Secrets never come from argv (world-readable in ``ps``, kept in shell history): passphrases
+are read from an environment variable (``$CIPHERTWIN_PASSPHRASE`` for key folders,
+``$CIPHERTWIN_BUNDLE_PASSPHRASE`` for enrollment bundles), from stdin (``--…-stdin``) or a
+prompt. Enrollment bundles are always passphrase-sealed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ciphertwin.agents.identity import (
-    Identity, default_home, load_identity, load_public, passphrase_from_env_or_prompt,
+    PASSPHRASE_ENV, Identity, default_home, load_identity, load_public,
+    passphrase_from_env_or_prompt,
     read_private_file, save_identity, write_private_file,
 )
 from ciphertwin.bus.client import BusClient
@@ -39,6 +46,12 @@ def _common(p: argparse.ArgumentParser, name_required: bool = True) -> None:
     p.add_argument("--config", help="deployment TOML (default $CIPHERTWIN_CONFIG)")
 
 
+def _bundle_passphrase_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--passphrase-stdin", action="store_true",
+                   help="read the bundle passphrase from stdin (default: "
+                        "$CIPHERTWIN_BUNDLE_PASSPHRASE, else a prompt)")
+
+
 def _save_broker_login(home: Path, username: str, password: str) -> None:
     write_private_file(home / BROKER_SECRET,
                        json.dumps({"username": username, "password": password}).encode())
@@ -52,6 +65,20 @@ def _bus_for(args: argparse.Namespace, deployment: Deployment) -> BusClient:
 
 def _identity(args: argparse.Namespace) -> Identity:
     return load_identity(_home(args), passphrase_from_env_or_prompt())
+
+
+def _bundle_passphrase(args: argparse.Namespace, confirm: bool = False) -> str:
+    """The bundle passphrase: first line of stdin with ``--passphrase-stdin``, else
+    ``$CIPHERTWIN_BUNDLE_PASSPHRASE``, else a prompt."""
+    from ciphertwin.agents.bundle import PASSPHRASE_ENV
+
+    if args.passphrase_stdin:
+        value = sys.stdin.readline().rstrip("\r\n")
+        if not value:
+            raise ValidationError("--passphrase-stdin: stdin gave no passphrase")
+        return value
+    return passphrase_from_env_or_prompt(PASSPHRASE_ENV, confirm=confirm,
+                                         prompt="Bundle passphrase: ")
 
 
 def _init(args: argparse.Namespace, role: str) -> int:
@@ -104,6 +131,10 @@ async def _owner_enroll(args: argparse.Namespace) -> int:
     from ciphertwin.agents.bundle import BrokerConnection, bundle_qr_png, write_bundle
     from ciphertwin.agents.owner import OwnerAgent
 
+    bundle_passphrase = _bundle_passphrase(args, confirm=True)  # before any change is made
+    if bundle_passphrase == os.environ.get(PASSPHRASE_ENV):
+        raise ValidationError("the bundle passphrase goes to whoever installs the device: "
+                              "do not reuse the owner's key passphrase")
     deployment = load_deployment(args.config)
     password = generate_password()
     add_client(deployment.principals.credentials_file,
@@ -121,8 +152,9 @@ async def _owner_enroll(args: argparse.Namespace) -> int:
             epoch_policy=args.epoch, rules=rules, source=source, valid_days=args.days)
         await owner.grant_own_device(args.twin, args.device, bundle.device_pre.public)
     out = Path(args.out or f"{args.device}.bundle")
-    write_bundle(out, bundle, args.bundle_passphrase)
-    print(f"enrollment bundle for {args.device} (twin {args.twin}) written to {out} (0600)")
+    write_bundle(out, bundle, bundle_passphrase)
+    print(f"enrollment bundle for {args.device} (twin {args.twin}) written to {out} "
+          "(0600, passphrase-sealed)")
     if args.qr:
         bundle_qr_png(out.read_bytes(), args.qr)
         print(f"QR code written to {args.qr}")
@@ -185,7 +217,7 @@ async def _watch(args: argparse.Namespace) -> int:
 def _device_enroll(args: argparse.Namespace) -> int:
     from ciphertwin.agents.bundle import enroll_from_bundle, read_bundle
 
-    bundle = read_bundle(args.bundle, args.bundle_passphrase)
+    bundle = read_bundle(args.bundle, lambda: _bundle_passphrase(args))
     home = Path(args.home) if args.home else default_home(bundle.device)
     enroll_from_bundle(bundle, home, overwrite=args.force)
     print(f"device {bundle.device} of twin {bundle.twin} enrolled in {home}")
@@ -242,7 +274,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--source", help='source spec as JSON, e.g. {"kind": "stdin"}')
     p.add_argument("--rules", help="attribute rules as a JSON list")
     p.add_argument("--days", type=int, default=365, help="write token validity")
-    p.add_argument("--bundle-passphrase", help="protect the bundle with this passphrase")
+    _bundle_passphrase_option(p)
     p.set_defaults(func=_owner_enroll)
     p = osub.add_parser("grant", help="let a receiver read a subset (policy) of twins")
     _common(p)
@@ -288,7 +320,7 @@ def register(subparsers: Any) -> None:
     p = dsub.add_parser("enroll", help="install an enrollment bundle")
     p.add_argument("bundle")
     p.add_argument("--home")
-    p.add_argument("--bundle-passphrase")
+    _bundle_passphrase_option(p)
     p.add_argument("--force", action="store_true", help="replace an existing enrollment")
     p.set_defaults(func=_device_enroll)
     p = dsub.add_parser("run", help="read the source, seal, sign, publish (with outbox)")
