@@ -39,7 +39,7 @@ from ciphertwin.mpc_nodes.functions import get_function
 from ciphertwin.mpc_nodes.output import combine_outputs, open_output
 from ciphertwin.protocol.control import build_control
 from ciphertwin.protocol.jobs import NodeRoster, build_job, verify_result
-from ciphertwin.protocol.roster_trust import RosterHistory, ShareIndexBook
+from ciphertwin.protocol.roster_trust import NO_OPERATOR_KEY, RosterHistory, ShareIndexBook
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +50,8 @@ class ControlRefused(CipherTwinError):
 
 async def fetch_roster(bus: BusClient, rosters: RosterHistory, timeout: float = 10.0) -> NodeRoster:
     """The retained node roster from ``config/nodes``, if ``rosters`` accepts it."""
+    if not isinstance(rosters, RosterHistory):
+        raise ValidationError(NO_OPERATOR_KEY)
     got: asyncio.Future[NodeRoster] = asyncio.get_running_loop().create_future()
 
     async def on_roster(topic: str, payload: bytes, retain: bool) -> None:
