@@ -10,6 +10,10 @@ operator key.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -20,6 +24,7 @@ import structlog
 from ciphertwin.agents.identity import Identity, is_encrypted, load_identity, save_identity
 from ciphertwin.agents.operator_cli import pinned_operator
 from ciphertwin.agents.processing import ResultReceiver, fetch_roster, grant_processing
+from ciphertwin.broker.embedded import free_port
 from ciphertwin.bus.client import BusClient
 from ciphertwin.bus.envelope import decode
 from ciphertwin.cli import main
@@ -312,3 +317,64 @@ async def _publish_and_wait(w, op: SigningKey, ids: list[NodeIdentity],
         await asyncio.sleep(0.02)
     raise AssertionError(f"roster v{version} did not reach every party: "
                          f"{[r.version if r else None for r in _rosters_of(w)]}")
+
+
+def test_operator_cli_publishes_rosters_and_refuses_jumps_moves_and_other_signers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    config = tmp_path / "deployment.toml"
+    config.write_text(f'[broker]\nport = {port}\nprefix = "ct/roster{os.urandom(3).hex()}"\n'
+                      '[principals]\ncredentials_file = "clients.json"\nhash_iterations = 1000\n'
+                      '[processing]\noperator_key = "home/operator/public.key"\n')
+    monkeypatch.setenv("CIPHERTWIN_CONFIG", str(config))
+    monkeypatch.setenv("CIPHERTWIN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CIPHERTWIN_PASSPHRASE", "a passphrase for the roster test")
+    monkeypatch.delenv("CIPHERTWIN_PROCESSING__OPERATOR_KEY", raising=False)
+    assert main(["operator", "init", "--name", "operator"]) == 0
+    assert main(["owner", "init", "--name", "mallory"]) == 0
+    entries: dict[tuple[int, int], str] = {}
+    for i in range(3):
+        assert main(["node", "init", "--name", f"node{i}"]) == 0
+        for index in {i, 1 - i if i < 2 else i}:  # node0 and node1 also sign swapped entries
+            entries[i, index] = str(tmp_path / f"node{i}-at-{index}.entry")
+            assert main(["node", "entry", "--name", f"node{i}", "--index", str(index),
+                         "--out", entries[i, index]]) == 0
+    capsys.readouterr()
+
+    def publish(name: str, *extra: str, layout=((0, 0), (1, 1), (2, 2))) -> tuple[int, str]:
+        files = [a for key in layout for a in ("--entry", entries[key])]
+        code = main(["operator", "publish-roster", "--name", name, "--wait", "1", *files, *extra])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    broker = subprocess.Popen([sys.executable, "-m", "ciphertwin.cli", "--log-level", "WARNING",
+                               "broker", "--config", str(config)])
+    try:
+        _wait_port(port)
+        code, out = publish("operator")
+        assert code == 0 and "roster v1 published: node0, node1, node2" in out
+        code, out = publish("mallory")  # an owner's key is not the operator's
+        assert code == 2 and "not the operator" in out
+        code, out = publish("operator", "--version", str(TOP))
+        assert code == 2 and "jumps more than" in out
+        code, out = publish("operator", layout=((1, 0), (0, 1), (2, 2)))
+        assert code == 2 and "no node may hold two shares" in out
+        (tmp_path / "home" / "operator" / "roster-history.json").unlink()
+        code, out = publish("operator")  # default version: one above the retained roster
+        assert code == 0 and "roster v2 published: node0, node1, node2" in out
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+def _wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

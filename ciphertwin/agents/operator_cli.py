@@ -60,7 +60,8 @@ async def _publish_roster(args: argparse.Namespace) -> int:
                               "with the key of `ciphertwin operator init`")
     entries, pres = [], []
     for path in args.entry:
-        f = wire.decode(read_private_file(path, 8192), ENTRY_TAG, ("entry", "pre"))
+        f = wire.decode(read_private_file(path, 8192, require_private=False), ENTRY_TAG,
+                        ("entry", "pre"))  # public: node-signed entries
         entries.append(RosterEntry.from_bytes(f.bytes("entry")))
         pres.append(PrePublicKey.from_bytes(f.bytes("pre")))
     order = sorted(range(len(entries)), key=lambda i: entries[i].index)
