@@ -176,7 +176,8 @@ def _moves(ids: list[NodeIdentity], pres: list[PrePublicKey]
     new_ids, new_pres = _nodes("m")
     return {
         "swap": ([_at(ids[1], 0), _at(ids[0], 1), ids[2]], [pres[1], pres[0], pres[2]]),
-        "signing key": ([new_ids[0], _at(ids[0], 1, "m1"), ids[2]], [new_pres[0], new_pres[1], pres[2]]),
+        "signing key": ([new_ids[0], _at(ids[0], 1, "m1"), ids[2]],
+                        [new_pres[0], new_pres[1], pres[2]]),
         "node id": ([new_ids[0], NodeIdentity(1, ids[0].node_id, new_ids[1].signing, new_ids[1].kx),
                      ids[2]], [new_pres[0], new_pres[1], pres[2]]),
         "PRE key": ([new_ids[0], new_ids[1], ids[2]], [new_pres[0], pres[0], pres[2]]),
@@ -296,7 +297,8 @@ def test_operator_init_key_is_encrypted_and_pinned_from_config_env_or_flag(
     save_identity(other, tmp_path / "other", None, allow_plaintext=True)
     monkeypatch.setenv("CIPHERTWIN_PROCESSING__OPERATOR_KEY", str(tmp_path / "other"))
     assert pinned_operator(None, load_deployment(config)) == other.signing.verify_key
-    assert pinned_operator(str(home / "public.key"), load_deployment(config)) == op.signing.verify_key
+    flag = str(home / "public.key")  # --operator-key wins over the environment
+    assert pinned_operator(flag, load_deployment(config)) == op.signing.verify_key
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -8,9 +8,9 @@
   validity, limits) handed to the cloud on ``control/{owner}``. It refuses to give share i to
   a node (id, signing or PRE key) it once gave share j ≠ i (its :class:`ShareIndexBook`).
 * :class:`ResultReceiver` (receiver): collects the three sealed output shares of a job from
-  ``receivers/{me}/results/{job}``, checks each node's signature against the operator-signed
-  roster, opens them with its X25519 key, combines and decodes; :func:`write_results` writes
-  JSON or CSV.
+  ``receivers/{me}/results/{job}``, checks each node's signature against the roster its
+  :class:`RosterHistory` (pinned operator key) accepted, opens them with its X25519 key,
+  combines and decodes; :func:`write_results` writes JSON or CSV.
 * :func:`submit_job` / :func:`follow_status`: publish a job and follow its retained status.
 """
 
@@ -48,7 +48,8 @@ class ControlRefused(CipherTwinError):
     """The cloud answered a control message with ok = false."""
 
 
-async def fetch_roster(bus: BusClient, rosters: RosterHistory, timeout: float = 10.0) -> NodeRoster:
+async def fetch_roster(bus: BusClient, rosters: RosterHistory,
+                       timeout: float = 10.0) -> NodeRoster:
     """The retained node roster from ``config/nodes``, if ``rosters`` accepts it."""
     if not isinstance(rosters, RosterHistory):
         raise ValidationError(NO_OPERATOR_KEY)

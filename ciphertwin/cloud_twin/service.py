@@ -67,7 +67,7 @@ class CloudTwin:
         self._twin_of: dict[str, str] = {}
         self._capsule_cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
-        self.jobs = JobManager(self, operator=operator)  # processing (6+): no operator key, no roster
+        self.jobs = JobManager(self, operator=operator)  # 6+: without operator key, no roster
 
     # -- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> CloudTwin:
