@@ -47,10 +47,14 @@ TARGETS = {"amqtt": (1000, 5000), "mosquitto": (2000, 5000)}  # (must, aim) enve
 
 
 def _deployment(root: Path, port: int, prefix: str) -> Path:
+    """Deployment file; the operator key (mandatory for the cloud) is a fresh public key."""
+    operator = Identity.generate("operator", "operator")
+    (root / "operator.key").write_bytes(operator.public.to_bytes())
     path = root / "deployment.toml"
     path.write_text(f'[broker]\nport = {port}\nprefix = "{prefix}"\nopen = true\n'
                     f'[storage]\nsqlite_path = "cloud.sqlite"\n'
-                    f'[principals]\ncredentials_file = "clients.json"\n')
+                    f'[principals]\ncredentials_file = "clients.json"\n'
+                    f'[processing]\noperator_key = "operator.key"\n')
     return path
 
 

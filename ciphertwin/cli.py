@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "ciphertwin.cloud_twin.cli",
     "ciphertwin.agents.cli",
     "ciphertwin.agents.processing_cli",
+    "ciphertwin.agents.operator_cli",
     "ciphertwin.mpc_nodes.cli",
     "ciphertwin.demo.cli",
 )

@@ -14,11 +14,14 @@ export CIPHERTWIN_HOME=$WORKDIR/home                     # key folders of every 
 export CIPHERTWIN_PASSPHRASE=${CIPHERTWIN_PASSPHRASE:-'correct horse battery staple'}
 export CIPHERTWIN_BUNDLE_PASSPHRASE=${CIPHERTWIN_BUNDLE_PASSPHRASE:-'tell the installer only'}
 export CIPHERTWIN_CLOUD_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+# everyone pins the operator key that signs the node roster (config: [processing] operator_key)
+export CIPHERTWIN_PROCESSING__OPERATOR_KEY=$WORKDIR/home/operator/public.key
 q="--log-level WARNING"
 pids=()
 trap 'kill ${pids[@]} 2>/dev/null; wait 2>/dev/null' EXIT
 
 echo "$CIPHERTWIN_CLOUD_PASSWORD" | ciphertwin clients add cloud --role cloud --password-stdin
+ciphertwin operator init --name operator                 # roster signing key, encrypted at rest
 ciphertwin $q broker & pids+=($!)                        # embedded amqtt: auth + ACLs
 sleep 1.5
 ciphertwin $q cloud & pids+=($!)                         # stores ciphertext only

@@ -1,9 +1,10 @@
 """Local identities of principals: key files in a private home directory.
 
-A principal (owner, device, receiver, MPC node) keeps all its secret keys in one file,
-``secret.key`` (mode 0600, directory 0700), encrypted with a passphrase through Argon2id and
-AES-256-GCM (``ciphertwin.crypto.passwords``). Unattended devices may store it in plaintext,
-but only when asked explicitly, and the file then records that it is unprotected.
+A principal (owner, device, receiver, MPC node, or the operator who signs node rosters)
+keeps all its secret keys in one file, ``secret.key`` (mode 0600, directory 0700), encrypted
+with a passphrase through Argon2id and AES-256-GCM (``ciphertwin.crypto.passwords``).
+Unattended devices may store it in plaintext, but only when asked explicitly, and the file
+then records that it is unprotected.
 ``public.key`` holds only public keys so it can be handed to others (an owner imports a
 receiver's public key file to grant it).
 
@@ -54,7 +55,7 @@ __all__ = [
     "read_private_file",
 ]
 
-ROLES = ("owner", "device", "receiver", "node")
+ROLES = ("owner", "device", "receiver", "node", "operator")
 SECRET_FILE = "secret.key"
 PUBLIC_FILE = "public.key"
 HOME_ENV = "CIPHERTWIN_HOME"

@@ -1,13 +1,16 @@
 """Owner and receiver sides of privacy-preserving processing (processes 2+ and 6+).
 
+* :func:`fetch_roster` (owner): the retained roster, accepted only through the owner's
+  :class:`RosterHistory` (pinned operator key, versions, share indices).
 * :func:`grant_processing` (owner): for node i a re-encryption key with policy
   ``share:i AND (<subset>)`` installed through the ordinary ``grant`` control message, then
   an owner-signed process token (subset, function classes, receiver keys, node roster,
-  validity, limits) handed to the cloud on ``control/{owner}``.
+  validity, limits) handed to the cloud on ``control/{owner}``. It refuses to give share i to
+  a node (id, signing or PRE key) it once gave share j ≠ i (its :class:`ShareIndexBook`).
 * :class:`ResultReceiver` (receiver): collects the three sealed output shares of a job from
-  ``receivers/{me}/results/{job}``, checks each node's signature against the operator-signed
-  roster, opens them with its X25519 key, combines and decodes; :func:`write_results` writes
-  JSON or CSV.
+  ``receivers/{me}/results/{job}``, checks each node's signature against the roster its
+  :class:`RosterHistory` (pinned operator key) accepted, opens them with its X25519 key,
+  combines and decodes; :func:`write_results` writes JSON or CSV.
 * :func:`submit_job` / :func:`follow_status`: publish a job and follow its retained status.
 """
 
@@ -35,7 +38,8 @@ from ciphertwin.errors import CipherTwinError, ValidationError
 from ciphertwin.mpc_nodes.functions import get_function
 from ciphertwin.mpc_nodes.output import combine_outputs, open_output
 from ciphertwin.protocol.control import build_control
-from ciphertwin.protocol.jobs import NodeRoster, build_job, parse_roster, verify_result
+from ciphertwin.protocol.jobs import NodeRoster, build_job, verify_result
+from ciphertwin.protocol.roster_trust import NO_OPERATOR_KEY, RosterHistory, ShareIndexBook
 
 log = structlog.get_logger(__name__)
 
@@ -44,13 +48,16 @@ class ControlRefused(CipherTwinError):
     """The cloud answered a control message with ok = false."""
 
 
-async def fetch_roster(bus: BusClient, operator: VerifyKey | None, timeout: float = 10.0) -> NodeRoster:
-    """The retained, operator-signed node roster from ``config/nodes``."""
+async def fetch_roster(bus: BusClient, rosters: RosterHistory,
+                       timeout: float = 10.0) -> NodeRoster:
+    """The retained node roster from ``config/nodes``, if ``rosters`` accepts it."""
+    if not isinstance(rosters, RosterHistory):
+        raise ValidationError(NO_OPERATOR_KEY)
     got: asyncio.Future[NodeRoster] = asyncio.get_running_loop().create_future()
 
     async def on_roster(topic: str, payload: bytes, retain: bool) -> None:
         try:
-            roster = parse_roster(payload, operator)
+            roster = rosters.accept(payload)
         except CipherTwinError as exc:
             log.warning("processing.roster_rejected", reason=str(exc))
             return
@@ -79,12 +86,17 @@ async def _control(bus: BusClient, owner: str, signer: SigningKey, kind: str,
 
 async def grant_processing(
     bus: BusClient, owner: str, owner_pre: PreKeyPair, owner_sig: SigningKey,
-    roster: NodeRoster, twins: Sequence[str], subset: str, *,
+    roster: NodeRoster, twins: Sequence[str], subset: str, *, granted: ShareIndexBook,
     function_classes: Iterable[str], receiver_keys: Iterable[bytes],
     valid_for_s: int = 86400, limits: Mapping[str, int] | None = None, timeout: float = 15.0,
 ) -> ProcessToken:
-    """Install node grants ``share:i AND (subset)`` over ``twins`` and the process token."""
+    """Install node grants ``share:i AND (subset)`` over ``twins`` and the process token.
+
+    ``granted`` (the owner's record of which node got which share) refuses, before any re-key
+    exists, a roster that would give a node a second share index; it is updated first.
+    """
     subset_policy = Policy.parse(subset)
+    granted.record(roster)
     token = issue_process_token(owner_sig, subset_policy, function_classes, receiver_keys,
                                 roster.node_keys, limits=limits, valid_for_s=valid_for_s)
     tag = token.token_id.hex()[:12]
@@ -166,8 +178,9 @@ class ResultReceiver:
     """Collects and opens job outputs addressed to ``name`` (keys: its X25519 pair)."""
 
     def __init__(self, bus: BusClient, name: str, key: X25519KeyPair, *,
-                 operator: VerifyKey | None) -> None:
+                 operator: VerifyKey, roster_state: Path | None = None) -> None:
         self.bus, self.name, self.key, self.operator = bus, name, key, operator
+        self.rosters = RosterHistory(operator, roster_state)
         self.roster: NodeRoster | None = None
         self._jobs: dict[str, _Collecting] = {}
         self.rejected = 0
@@ -183,12 +196,9 @@ class ResultReceiver:
 
     async def _on_roster(self, topic: str, payload: bytes, retain: bool) -> None:
         try:
-            roster = parse_roster(payload, self.operator)
+            self.roster = self.rosters.accept(payload)
         except CipherTwinError as exc:
             log.warning("receiver.roster_rejected", reason=str(exc))
-            return
-        if self.roster is None or roster.version > self.roster.version:
-            self.roster = roster
 
     async def _on_result(self, topic: str, payload: bytes, retain: bool) -> None:
         try:

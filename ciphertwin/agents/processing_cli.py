@@ -15,15 +15,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ciphertwin.agents.cli import _bus_for, _common, _identity, _time
+from ciphertwin.agents.cli import _bus_for, _common, _home, _identity, _time
 from ciphertwin.agents.identity import load_public
+from ciphertwin.agents.operator_cli import add_operator_key_option, pinned_operator
 from ciphertwin.bus.envelope import Envelope
 from ciphertwin.config.settings import load_deployment
 from ciphertwin.errors import ValidationError
+from ciphertwin.protocol.roster_trust import (
+    GRANTED_SHARES_FILE, ROSTER_STATE_FILE, RosterHistory, ShareIndexBook,
+)
 
 
-def _operator_key(args: argparse.Namespace) -> Any:
-    return load_public(args.operator_key).verify_key if args.operator_key else None
+def _rosters(args: argparse.Namespace, deployment: Any) -> RosterHistory:
+    """The principal's roster history (home folder), pinned to the deployment's operator key."""
+    return RosterHistory(pinned_operator(args.operator_key, deployment),
+                         _home(args) / ROSTER_STATE_FILE)
 
 
 def _limits(pairs: list[str] | None) -> dict[str, int]:
@@ -39,12 +45,15 @@ def _limits(pairs: list[str] | None) -> dict[str, int]:
 async def _grant_processing(args: argparse.Namespace) -> int:
     from ciphertwin.agents.processing import fetch_roster, grant_processing
 
+    deployment = load_deployment(args.config)
+    rosters = _rosters(args, deployment)
     me = _identity(args)
     receivers = [load_public(f).hpke_public for f in args.receiver_key]
-    async with _bus_for(args, load_deployment(args.config)) as bus:
-        roster = await fetch_roster(bus, _operator_key(args))
+    async with _bus_for(args, deployment) as bus:
+        roster = await fetch_roster(bus, rosters)
         token = await grant_processing(
             bus, me.name, me.pre, me.signing, roster, args.twins.split(","), args.subset,
+            granted=ShareIndexBook(_home(args) / GRANTED_SHARES_FILE),
             function_classes=args.functions.split(","), receiver_keys=receivers,
             valid_for_s=int(args.days * 86400), limits=_limits(args.limit))
     print(f"processing permitted: nodes {', '.join(roster.node_ids)} get share i of "
@@ -93,10 +102,13 @@ async def _job_submit(args: argparse.Namespace) -> int:
 async def _receiver_results(args: argparse.Namespace) -> int:
     from ciphertwin.agents.processing import ResultReceiver, write_results
 
+    deployment = load_deployment(args.config)
+    operator = pinned_operator(args.operator_key, deployment)
     me = _identity(args)
     params = json.loads(args.params) if args.params else None
-    async with _bus_for(args, load_deployment(args.config)) as bus:
-        async with ResultReceiver(bus, me.name, me.hpke, operator=_operator_key(args)) as rx:
+    async with _bus_for(args, deployment) as bus:
+        async with ResultReceiver(bus, me.name, me.hpke, operator=operator,
+                                  roster_state=_home(args) / ROSTER_STATE_FILE) as rx:
             result = await rx.result(args.job, params, timeout=args.timeout)
     if args.out:
         write_results(result, Path(args.out), args.format)
@@ -133,7 +145,7 @@ def add_owner_commands(osub: Any) -> None:
     p.add_argument("--functions", default="proximity", help="function classes, comma-separated")
     p.add_argument("--receiver-key", action="append", required=True,
                    help="public.key of an authorised receiver (repeat)")
-    p.add_argument("--operator-key", help="operator public.key the roster must be signed with")
+    add_operator_key_option(p)
     p.add_argument("--days", type=float, default=1.0, help="token validity")
     p.add_argument("--limit", action="append", help="max_items=N, min_twins=N, max_points=N")
     p.set_defaults(func=_grant_processing)
@@ -144,7 +156,7 @@ def add_receiver_commands(rsub: Any) -> None:
     _common(p)
     p.add_argument("--job", required=True)
     p.add_argument("--params", help="the job's parameters (JSON), for decoding")
-    p.add_argument("--operator-key", help="operator public.key the roster must be signed with")
+    add_operator_key_option(p)
     p.add_argument("--out", help="file (.json or .csv); default: print JSON")
     p.add_argument("--format", choices=["json", "csv"])
     p.add_argument("--timeout", type=float, default=3600)

@@ -1,4 +1,8 @@
-"""`ciphertwin cloud`: run the cloud twin service for a deployment."""
+"""`ciphertwin cloud`: run the cloud twin service for a deployment.
+
+The operator key node rosters must be signed with is mandatory (``[processing] operator_key``
+or ``--operator-key``): the cloud must not choose the nodes it sends shares to.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +21,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--password-env", default="CIPHERTWIN_CLOUD_PASSWORD",
                    help="environment variable holding the cloud's broker password")
     p.add_argument("--workers", type=int, default=0, help="re-encryption processes (0 = cores)")
+    p.add_argument("--operator-key", help="operator public.key node rosters must be signed "
+                                          "with (default: [processing] operator_key)")
     p.set_defaults(func=_run)
 
 
 async def _run(args: argparse.Namespace) -> int:
     import os
 
+    from ciphertwin.agents.operator_cli import pinned_operator
     from ciphertwin.bus.client import BusClient
     from ciphertwin.cloud_twin.reencryption import ReencryptionPool
     from ciphertwin.cloud_twin.service import CloudTwin
@@ -30,6 +37,7 @@ async def _run(args: argparse.Namespace) -> int:
     from ciphertwin.config.settings import load_deployment
 
     deployment = load_deployment(args.config)
+    operator = pinned_operator(args.operator_key, deployment)
     password = os.environ.get(args.password_env)
     if not deployment.broker.open and not password:
         raise ValidationError(f"set {args.password_env} to the cloud's broker password")
@@ -40,7 +48,8 @@ async def _run(args: argparse.Namespace) -> int:
     bus = BusClient.for_deployment(deployment, client_id=args.name, username=args.name,
                                    password=password)
     store = open_store(deployment.storage)
-    async with bus, CloudTwin(bus, store, pool=ReencryptionPool(args.workers or None)):
+    async with bus, CloudTwin(bus, store, pool=ReencryptionPool(args.workers or None),
+                              operator=operator):
         where = (deployment.storage.sqlite_path if deployment.storage.backend == "sqlite"
                  else "postgresql")
         print(f"cloud twin running (store: {where}); Ctrl-C stops", flush=True)

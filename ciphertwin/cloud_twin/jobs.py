@@ -2,6 +2,8 @@
 
 The cloud never opens anything here. For a job it:
 
+0. follows the node roster through a ``RosterHistory`` pinned to the operator key; without
+   an operator key it follows none (so runs no job): the cloud must not pick the nodes;
 1. checks the request (function and parameters, roster known, each owner registered, owns
    the twin, and holds a stored process token admitting the function class, the receiver key
    and the current roster — the nodes check all of it again, the cloud only avoids useless work);
@@ -47,10 +49,10 @@ from ciphertwin.protocol.jobs import (
     NodeRoster,
     build_status,
     default_bindings,
-    parse_roster,
     unpack_params,
     verify_status,
 )
+from ciphertwin.protocol.roster_trust import NO_OPERATOR_KEY, RosterHistory
 
 if TYPE_CHECKING:
     from ciphertwin.cloud_twin.service import CloudTwin
@@ -116,6 +118,7 @@ class JobManager:
                  node_timeout_s: float = 60.0) -> None:
         self.cloud = cloud
         self.operator = operator
+        self.rosters = RosterHistory(operator) if operator is not None else None
         self.node_timeout_s = node_timeout_s
         self.roster: NodeRoster | None = None
         self._queue: asyncio.Queue[Envelope] = asyncio.Queue(1000)
@@ -167,13 +170,14 @@ class JobManager:
     # -- bus handlers --------------------------------------------------------------------
     async def _on_roster(self, topic: str, payload: bytes, retain: bool) -> None:
         try:
-            roster = parse_roster(payload, self.operator)
+            if self.rosters is None:
+                raise ValidationError(NO_OPERATOR_KEY)
+            roster = self.rosters.accept(payload)
         except CipherTwinError as exc:
             log.warning("jobs.roster_rejected", reason=str(exc))
             return
-        if self.roster is None or roster.version > self.roster.version:
-            self.roster = roster
-            log.info("jobs.roster", version=roster.version, nodes=list(roster.node_ids))
+        self.roster = roster
+        log.info("jobs.roster", version=roster.version, nodes=list(roster.node_ids))
 
     async def _on_submit(self, topic: str, payload: bytes, retain: bool) -> None:
         try:

@@ -55,7 +55,7 @@ class CloudTwin:
     """Run with ``async with CloudTwin(...) as cloud: await cloud.serve_forever()``."""
 
     def __init__(self, bus: BusClient, store: TwinStore, *,
-                 pool: ReencryptionPool | None = None) -> None:
+                 pool: ReencryptionPool | None = None, operator: VerifyKey | None = None) -> None:
         self.bus, self.store = bus, store
         self.topics: Topics = bus.topics
         self.trust = TrustRegistry(store)
@@ -67,7 +67,7 @@ class CloudTwin:
         self._twin_of: dict[str, str] = {}
         self._capsule_cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
-        self.jobs = JobManager(self)  # processing jobs (6+); set jobs.operator to pin the roster key
+        self.jobs = JobManager(self, operator=operator)  # 6+: without operator key, no roster
 
     # -- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> CloudTwin:

@@ -6,7 +6,8 @@ inside a connect call. Unknown keys are errors for the same reason.
 
 Environment overrides (for containers and tests) use the section and key joined by a double
 underscore, e.g. ``CIPHERTWIN_BROKER__HOST=10.0.0.5``, ``CIPHERTWIN_BROKER__PORT=1884``,
-``CIPHERTWIN_BROKER__TLS__ENABLED=true``, ``CIPHERTWIN_LOGGING__LEVEL=DEBUG``. Values are
+``CIPHERTWIN_BROKER__TLS__ENABLED=true``, ``CIPHERTWIN_LOGGING__LEVEL=DEBUG``,
+``CIPHERTWIN_PROCESSING__OPERATOR_KEY=/etc/ciphertwin/operator.key``. Values are
 converted to the field's type (int, float, bool: 1/0/true/false/yes/no/on/off, str, path).
 ``CIPHERTWIN_CONFIG`` names the deployment file when no path is given.
 """
@@ -119,6 +120,17 @@ class PrincipalSettings:
 
 
 @dataclass(frozen=True)
+class ProcessingSettings:
+    """Processing (6+): the operator public key every node roster must be signed with.
+
+    ``operator_key`` is the operator's ``public.key`` file (``ciphertwin operator init``);
+    owners, nodes, the cloud and receivers refuse to follow rosters without it.
+    """
+
+    operator_key: Path | None = None
+
+
+@dataclass(frozen=True)
 class Deployment:
     """Everything a ciphertwin process needs to know about its deployment."""
 
@@ -126,6 +138,7 @@ class Deployment:
     storage: StorageSettings = field(default_factory=StorageSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     principals: PrincipalSettings = field(default_factory=PrincipalSettings)
+    processing: ProcessingSettings = field(default_factory=ProcessingSettings)
     source: Path | None = None
     """The file this was loaded from (relative paths in it are resolved against its folder)."""
 
@@ -138,6 +151,7 @@ _SECTIONS = {
     "storage": StorageSettings,
     "logging": LoggingSettings,
     "principals": PrincipalSettings,
+    "processing": ProcessingSettings,
 }
 
 
@@ -274,5 +288,6 @@ def load_deployment(
         storage=storage,
         logging=sections["logging"],
         principals=principals,
+        processing=sections["processing"],
         source=source,
     )

@@ -54,6 +54,7 @@ from ciphertwin.mpc_nodes.service import ProcessingNode
 from ciphertwin.protocol.control import build_control, control_request_id
 from ciphertwin.protocol.items import DeviceCredentials, build_item
 from ciphertwin.protocol.jobs import build_roster
+from ciphertwin.protocol.roster_trust import ShareIndexBook
 
 log = structlog.get_logger(__name__)
 
@@ -187,6 +188,8 @@ class Phone:
     owner_sig: SigningKey
     creds: DeviceCredentials
     keys: DataKeyManager
+    granted: ShareIndexBook = field(default_factory=ShareIndexBook)
+    """which node keys this owner gave which share (never a second index to one node)"""
 
 
 @dataclass
@@ -226,10 +229,9 @@ async def start_world(stack: AsyncExitStack, *, broker: tuple[str, int] | None =
     mk = lambda name: BusClient(host, port, client_id=f"{name}-{os.urandom(3).hex()}",
                                 prefix=prefix, max_inflight=256)
     cloud_bus = await stack.enter_async_context(mk("cloud"))
+    operator = SigningKey.generate()  # every party pins its public key (mandatory)
     cloud = CloudTwin(cloud_bus, SqliteTwinStore(tmp / "cloud.db"),
-                      pool=ReencryptionPool(pool_workers))
-    operator = SigningKey.generate()
-    cloud.jobs.operator = operator.verify_key
+                      pool=ReencryptionPool(pool_workers), operator=operator.verify_key)
     cloud.jobs.node_timeout_s = node_timeout_s
     await stack.enter_async_context(cloud)
     executor = stack.enter_context(ProcessPoolExecutor(pool_workers or os.cpu_count() or 1))
@@ -248,7 +250,8 @@ async def start_world(stack: AsyncExitStack, *, broker: tuple[str, int] | None =
         node_stacks[i] = ns
     roster_msg = build_roster(operator, [n.entry() for n in identities],
                               [p.public for p in pres], version=1)
-    await cloud_bus.publish(cloud_bus.topics.config_nodes(), roster_msg, retain=True)
+    op_bus = await stack.enter_async_context(mk("operator"))
+    await op_bus.publish(op_bus.topics.config_nodes(), roster_msg, retain=True)
     key = X25519KeyPair.generate()
     rbus = await stack.enter_async_context(mk("receiver"))
     receiver = await stack.enter_async_context(
@@ -448,7 +451,8 @@ async def prepare(w: World, paths: Paths, key_epochs: int, owners_bus: BusClient
     async def permit(user: str, phone: Phone) -> None:
         async with sem:  # owners grant concurrently; each owner's messages stay in order
             await grant_processing(owners_bus, phone.owner, phone.owner_pre, phone.owner_sig,
-                                   w.roster, [user], subset, function_classes=["proximity"],
+                                   w.roster, [user], subset, granted=phone.granted,
+                                   function_classes=["proximity"],
                                    receiver_keys=[w.receiver_key.public_bytes], limits=limits,
                                    timeout=120)
 

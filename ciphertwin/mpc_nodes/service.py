@@ -2,8 +2,10 @@
 
 A node trusts neither the broker nor the cloud. For every job it:
 
-1. follows the operator-signed roster on ``config/nodes`` (hot swap: a new version replaces
-   the old at once; a node not listed at its index takes no jobs);
+1. follows the roster on ``config/nodes`` signed by the pinned operator key, through a
+   ``RosterHistory`` (newer, bounded versions; no node ever moves to another share index;
+   kept in ``roster_state`` across restarts) — hot swap: a new version replaces the old at
+   once; a node not listed at its index takes no jobs;
 2. receives the job's input chunks from ``nodes/{me}/inputs/{job}`` (chunk 0 carries the spec);
 3. verifies every involved owner's process token (signature, validity, function class,
    receiver key, roster digest, this node's key, limits) and refuses with a reason otherwise;
@@ -27,6 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,10 +51,10 @@ from ciphertwin.protocol.jobs import (
     NodeRoster,
     build_result,
     build_status,
-    parse_roster,
     unpack_params,
     verify_status,
 )
+from ciphertwin.protocol.roster_trust import RosterHistory
 from ciphertwin.protocol.share_open import OpenedColumns, open_share_batch
 
 log = structlog.get_logger(__name__)
@@ -90,12 +93,14 @@ class ProcessingNode:
     """One MPC node. ``async with ProcessingNode(...) as node: await node.wait_closed()``."""
 
     def __init__(self, bus: BusClient, identity: NodeIdentity, pre: PreKeyPair, *,
-                 operator: VerifyKey | None, executor: Executor | None = None,
+                 operator: VerifyKey, roster_state: Path | None = None,
+                 executor: Executor | None = None,
                  latency_s: float = 0.0, mpc_timeout_s: float = 30.0,
                  input_timeout_s: float = 300.0, qos: int = 0,
                  verify_item_signatures: bool = False) -> None:
         self.bus, self.identity, self.pre = bus, identity, pre
         self.operator, self.executor = operator, executor
+        self.rosters = RosterHistory(operator, roster_state)
         self.latency_s, self.mpc_timeout_s, self.qos = latency_s, mpc_timeout_s, qos
         self.input_timeout_s = input_timeout_s
         self.verify_item_signatures = verify_item_signatures
@@ -138,12 +143,9 @@ class ProcessingNode:
     # -- roster --------------------------------------------------------------------------
     async def _on_roster(self, topic: str, payload: bytes, retain: bool) -> None:
         try:
-            roster = parse_roster(payload, self.operator)
+            roster = self.rosters.accept(payload)
         except CipherTwinError as exc:
             log.warning("node.roster_rejected", node=self.name, reason=str(exc))
-            return
-        if self.roster is not None and roster.version <= self.roster.version:
-            log.info("node.roster_ignored", node=self.name, version=roster.version)
             return
         self.roster = roster
         log.info("node.roster", node=self.name, version=roster.version, active=self.active)

@@ -126,11 +126,17 @@ def build_roster(operator: SigningKey, entries: Sequence[RosterEntry],
     return encode("node_roster", body)
 
 
-def parse_roster(payload: bytes, operator: VerifyKey | None) -> NodeRoster:
-    """Check the operator signature (against the pinned key if given) and every entry."""
+def parse_roster(payload: bytes, operator: VerifyKey) -> NodeRoster:
+    """Check the signature against the pinned operator key (required) and every entry.
+
+    Who follows rosters over time goes through ``roster_trust.RosterHistory`` (versions, share
+    indices), not this function alone.
+    """
+    if not isinstance(operator, VerifyKey):
+        raise ValidationError("node roster: no pinned operator key to check it against")
     env = decode(payload, "node_roster")
     signer = VerifyKey(env["operator"])
-    if operator is not None and signer != operator:
+    if signer != operator:
         raise ValidationError("node roster is signed by another operator key")
     _verify(env, signer, _ROSTER_CTX)
     try:
