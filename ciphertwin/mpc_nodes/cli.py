@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from contextlib import closing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ciphertwin.agents.cli import _bus_for, _common, _identity, _init
+from ciphertwin.agents.cli import _bus_for, _common, _home, _identity, _init
 from ciphertwin.agents.identity import load_public, read_private_file, write_private_file
 from ciphertwin.config.settings import load_deployment
 from ciphertwin.crypto import wire
@@ -59,6 +60,7 @@ async def _publish_roster(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from ciphertwin.mpc_nodes.ledger import NodeLedger
     from ciphertwin.mpc_nodes.service import ProcessingNode
 
     if args.index is None:
@@ -66,12 +68,14 @@ async def _run(args: argparse.Namespace) -> int:
     me, node_id = _node_identity(args, args.index)
     operator = load_public(args.operator_key).verify_key if args.operator_key else None
     workers = args.workers or max(1, (os.cpu_count() or 1) - 1)
-    with ProcessPoolExecutor(workers) as pool:
+    ledger = NodeLedger(_home(args) / "node-ledger.db")  # job ids run, token budgets spent
+    with ProcessPoolExecutor(workers) as pool, closing(ledger):
         async with _bus_for(args, load_deployment(args.config)) as bus:
             async with ProcessingNode(bus, node_id, me.pre, operator=operator, executor=pool,
                                       latency_s=args.rtt_ms / 2000,
                                       mpc_timeout_s=args.mpc_timeout,
-                                      verify_item_signatures=args.verify_item_signatures):
+                                      verify_item_signatures=args.verify_item_signatures,
+                                      ledger=ledger):
                 await asyncio.Event().wait()
     return 0
 
