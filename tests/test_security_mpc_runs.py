@@ -25,7 +25,9 @@ from ciphertwin.mpc_nodes.errors import MpcValidationError, TamperedMessageError
 from ciphertwin.mpc_nodes.ledger import NodeLedger
 from ciphertwin.mpc_nodes.local_cluster import run_parties
 from ciphertwin.mpc_nodes.party import Party
-from ciphertwin.mpc_nodes.prf import CorrelatedRandomness, derive_job_key, new_run_nonce, run_digest
+from ciphertwin.mpc_nodes.prf import (
+    CorrelatedRandomness, derive_job_key, new_run_nonce, run_digest,
+)
 from ciphertwin.mpc_nodes.protocols.arithmetic import mul
 from ciphertwin.mpc_nodes.roster import NodeIdentity, Roster
 from ciphertwin.mpc_nodes.service import ProcessingNode
@@ -68,9 +70,9 @@ def test_keys_of_two_runs_of_one_job_id_differ() -> None:
     """The replay attack's premise: the same job id twice must not give the same masks."""
     secret = bytes(range(32))
     run_a, run_b = run_digest(_nonces()), run_digest(_nonces())
-    assert derive_job_key(secret, "job-7", b"prf", run_a) != derive_job_key(secret, "job-7", b"prf", run_b)
-    chan = b"chan/0>2"
-    assert derive_job_key(secret, "job-7", chan, run_a) != derive_job_key(secret, "job-7", chan, run_b)
+    for purpose in (b"prf", b"chan/0>2"):
+        assert (derive_job_key(secret, "job-7", purpose, run_a)
+                != derive_job_key(secret, "job-7", purpose, run_b))
     a = CorrelatedRandomness(secret, secret[::-1], "job-7", run_a)
     b = CorrelatedRandomness(secret, secret[::-1], "job-7", run_b)
     assert not np.array_equal(a.zero_arith(0, 0, 64), b.zero_arith(0, 0, 64))
@@ -115,7 +117,8 @@ async def test_frames_before_the_run_keys_are_buffered_then_opened() -> None:
     parties: list[Party | None] = [None] + [
         Party(i, "job-run", t, *t.secrets(), run=run) for i, t in enumerate(transports) if i]
     inputs = split_replicated(VALUES)
-    late = asyncio.create_task(run_parties(parties[1:], _square, inputs[1:]))  # type: ignore[arg-type]
+    late = asyncio.create_task(
+        run_parties(parties[1:], _square, inputs[1:]))  # type: ignore[arg-type]
     await asyncio.sleep(0.2)  # node 1 already sent its round-0 message to node 0
     assert transports[0]._early and not transports[0].rejected
     transports[0].set_run(run)
@@ -292,7 +295,7 @@ async def test_a_signed_failed_status_of_a_roster_node_aborts_the_job() -> None:
                 signer=w.nodes[1].identity.signing))
 
         job, result = await _submit_and_inject(w, owners, paths, t0, inject)
-        reasons = [n for n in (await _refused_by_all(w, job, 20.0))]
+        reasons = await _refused_by_all(w, job, 20.0)
         assert reasons[0] == reasons[2] == "aborted: node1 gives up"
         for _ in range(200):
             if await w.cloud.store.get_kv("jobs", job) == b"failed":
@@ -301,3 +304,51 @@ async def test_a_signed_failed_status_of_a_roster_node_aborts_the_job() -> None:
         assert await w.cloud.store.get_kv("jobs", job) == b"failed"
         result.cancel()
         assert len(w.receiver._jobs[job].shares) < 3
+
+
+async def test_the_cloud_ignores_statuses_of_nodes_outside_the_job_roster() -> None:
+    """The roster is swapped mid-job: the new roster's nodes cannot fail the old roster's job."""
+    from ciphertwin.cloud_twin.jobs import _Tracking
+    from ciphertwin.crypto.kpcpre import PreKeyPair
+    from ciphertwin.protocol.jobs import build_roster
+
+    async with AsyncExitStack() as stack:
+        w, _, owners = await _world(stack)
+        jm, job = w.cloud.jobs, "ct-swapped"
+        jm._tracking[job] = track = _Tracking(jm.roster)  # a job in flight on roster v1
+        swapped = [NodeIdentity.generate(i, f"node{i}") for i in range(3)]  # same ids, new keys
+        await owners.publish(owners.topics.config_nodes(), build_roster(
+            w.operator, [n.entry() for n in swapped], [PreKeyPair.generate().public] * 3, 2),
+            retain=True)
+        for _ in range(100):
+            if jm.roster.version == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert jm.roster.version == 2
+        topic = owners.topics.job_status(job)
+        await owners.publish(topic, build_status(job, "failed", "node1", reason="swapped in",
+                                                 signer=swapped[1].signing))
+        await asyncio.sleep(0.2)
+        await owners.publish(topic, build_status(job, "delivered", "node0",
+                                                 signer=w.nodes[0].identity.signing))
+        for _ in range(100):
+            if track.states:
+                break
+            await asyncio.sleep(0.02)
+        assert track.states == {0: "delivered"} and track.failure is None
+
+
+def test_owner_cli_sets_the_job_budget() -> None:
+    import argparse
+
+    from ciphertwin.agents.processing_cli import _budget, add_owner_commands
+
+    parser = argparse.ArgumentParser()
+    add_owner_commands(parser.add_subparsers())
+    args = parser.parse_args(["grant-processing", "--name", "o", "--twins", "t", "--subset",
+                              "type:location", "--receiver-key", "k", "--max-jobs", "3",
+                              "--job-window", "2"])
+    assert _budget(args) == {"max_jobs": 3, "window_s": 7200}
+    args = parser.parse_args(["grant-processing", "--name", "o", "--twins", "t", "--subset",
+                              "type:location", "--receiver-key", "k"])
+    assert _budget(args) == {}  # the nodes' default budget applies

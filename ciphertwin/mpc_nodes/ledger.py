@@ -48,7 +48,8 @@ class NodeLedger:
     def __init__(self, path: Path | str | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self._db = sqlite3.connect(":memory:" if path is None else str(path), isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL" if path is not None else "PRAGMA journal_mode=MEMORY")
+        if path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

@@ -206,7 +206,7 @@ class ProcessingNode:
             log.warning("node.inputs_incomplete", node=self.name, job=job)
 
     async def _on_status(self, topic: str, payload: bytes, retain: bool) -> None:
-        """Note peers' ready reports; stop a job its roster (or, before it starts, the cloud) failed."""
+        """Note peers' ready reports; stop a job its roster (or, if not started, the cloud) failed."""
         try:
             env = decode(payload, "job_status")
         except CipherTwinError:
@@ -395,7 +395,7 @@ class ProcessingNode:
             raise TokenRejected("limit", f"more than max_points={max_points} per twin")
 
     def _check_budget(self, token: ProcessToken) -> None:
-        """At most ``max_jobs`` accepted jobs per ``window_s`` per token (ledger: survives restarts).
+        """At most ``max_jobs`` accepted jobs per ``window_s`` per token (ledger: durable).
 
         Bounds differencing: every extra job over overlapping twins can reveal more."""
         max_jobs, window_s = token_budget(token.limits)
