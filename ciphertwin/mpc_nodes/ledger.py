@@ -2,7 +2,7 @@
 
 Two things must survive a node restart, or the cloud could exploit the amnesia:
 
-* **job ids** — a node refuses any job id it has started before (keys of a run are fresh
+* **job ids** — a node refuses any job id it has accepted before (keys of a run are fresh
   anyway, see :mod:`prf`, but a replayed job is a replayed computation: the cloud could
   vary the inputs and difference the outputs);
 * **token budgets** — a process token's ``max_jobs`` per ``window_s`` (owner-set limits;
@@ -10,6 +10,7 @@ Two things must survive a node restart, or the cloud could exploit the amnesia:
   many overlapping jobs, hence differencing attacks, one token admits. Each accepted job is
   recorded as (token id, job, time); a use is forgotten once its token has expired.
 
+Only accepted jobs (every check passed) are recorded, so garbage specs cannot grow the file.
 SQLite (stdlib) in the node's home folder; ``NodeLedger()`` without a path keeps it in memory
 (tests). Writes are a few per job, never per MPC round, so calls are synchronous: each one is
 atomic with respect to the node's event loop, which makes check-then-record race free.

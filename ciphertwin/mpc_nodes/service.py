@@ -298,10 +298,8 @@ class ProcessingNode:
         began, state = False, "failed"
         try:
             assert pending.spec is not None
-            if not self.ledger.begin(job):
-                raise JobRefused("this node already ran this job id (a replayed job)")
-            began = True
             checked = self._check(job, pending.spec)
+            began = True
             opened = await self._collect(job, checked, pending)
             inputs, labels = self._arrange(checked, opened)
             await self._compute(job, checked, inputs, labels)
@@ -353,7 +351,9 @@ class ProcessingNode:
         for name, b in env["bindings"].items():
             if b["role"] not in roles:
                 raise JobRefused(f"input {name}: no twins with role {b['role']!r}")
-        # accepted: spend one job of every token's budget, and pin the job's roster
+        # accepted: a job id runs once per node, ever; spend one job of every token's budget
+        if not self.ledger.begin(job):
+            raise JobRefused("this node already ran this job id (a replayed job)")
         self.ledger.charge(job, [(t.token_id, t.not_after + 60.0) for t in used])
         self._job_rosters[job] = self.roster
         return _Checked(env, params, selectors, self.roster)
