@@ -36,6 +36,7 @@ from ciphertwin.mpc_nodes.engine import expected_rounds, load_inputs, run_functi
 from ciphertwin.mpc_nodes.functions import get_function  # noqa: E402
 from ciphertwin.mpc_nodes.local_cluster import memory_parties, run_parties  # noqa: E402
 from ciphertwin.mpc_nodes.party import Party  # noqa: E402
+from ciphertwin.mpc_nodes.prf import new_run_nonce, run_digest  # noqa: E402
 from ciphertwin.mpc_nodes.shares import split_additive  # noqa: E402
 
 FUNCTION = "contact_tracing"
@@ -88,7 +89,8 @@ async def run_memory(shares: list[dict[str, np.ndarray]], params: dict[str, Any]
             "wire_bytes_per_party": [p.transport.stats.wire_bytes_sent for p in parties]}
 
 
-def _party_process(index: int, host: str, port: int, job: str, ident_blobs: Any, params: Any,
+def _party_process(index: int, host: str, port: int, job: str, run: bytes, ident_blobs: Any,
+                   params: Any,
                    additive: Any, rtt_ms: float, qos: int, start_at: Any, result_q: Any) -> None:
     """One node in its own process (as in a deployment): connect, wait for the start, run."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -104,7 +106,7 @@ def _party_process(index: int, host: str, port: int, job: str, ident_blobs: Any,
     roster = Roster([RosterEntry.from_bytes(e) for e in entries])
 
     async def main() -> None:
-        async with mqtt_party(job, identity, roster, host=host, port=port,
+        async with mqtt_party(job, identity, roster, run=run, host=host, port=port,
                               latency_s=rtt_ms / 2000.0, timeout_s=60.0, qos=qos) as party:
             start_at.wait()  # all three subscribed
             t0 = time.perf_counter()
@@ -158,9 +160,10 @@ def run_mqtt(shares: list[dict[str, np.ndarray]], params: dict[str, Any], broker
     raw = (serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     blobs = [(i.signing.to_bytes(), i.kx.private_bytes(*raw), node_ids, entries) for i in idents]
     job = f"bench-{os.urandom(4).hex()}"
+    run = run_digest([new_run_nonce() for _ in range(3)])  # the nodes' nonces, drawn here
     start_at = ctx.Barrier(3)
     result_q = ctx.Queue()
-    procs = [ctx.Process(target=_party_process, args=(i, host, port, job, blobs, params, shares[i],
+    procs = [ctx.Process(target=_party_process, args=(i, host, port, job, run, blobs, params, shares[i],
                                                       rtt_ms, qos, start_at, result_q))
              for i in range(3)]
     try:

@@ -23,6 +23,7 @@ from ciphertwin.mpc_nodes.errors import (
 )
 from ciphertwin.mpc_nodes.local_cluster import run_parties
 from ciphertwin.mpc_nodes.party import Party
+from ciphertwin.mpc_nodes.prf import new_run_nonce, run_digest
 from ciphertwin.mpc_nodes.protocols.arithmetic import mul
 from ciphertwin.mpc_nodes.protocols.bitslice import unslice
 from ciphertwin.mpc_nodes.protocols.boolean import ltz
@@ -49,12 +50,13 @@ async def secure_parties(
     bus: MemoryFrameBus, job: str = "job-sec", timeout_s: float = 5.0, roster_ids: Any = None
 ) -> tuple[list[Party], list[SecureTransport]]:
     ids, roster = roster_ids or identities()
+    run = run_digest([new_run_nonce() for _ in range(3)])
     transports = [
         await SecureTransport(job=job, identity=ids[i], roster=roster, bus=bus, timeout_s=timeout_s,
-                              chunk_bytes=1024, max_rounds=16).start()
+                              chunk_bytes=1024, max_rounds=16, run=run).start()
         for i in range(3)
     ]
-    return [Party(i, job, t, *t.secrets()) for i, t in enumerate(transports)], transports
+    return [Party(i, job, t, *t.secrets(), run=run) for i, t in enumerate(transports)], transports
 
 
 async def square_then_sign(party: Party, s: ArithShare) -> Any:

@@ -13,6 +13,7 @@ from ciphertwin.mpc_nodes.engine import expected_rounds, load_inputs, run_functi
 from ciphertwin.mpc_nodes.errors import MessageTimeoutError
 from ciphertwin.mpc_nodes.functions import get_function
 from ciphertwin.mpc_nodes.output import OutputShare, combine_outputs
+from ciphertwin.mpc_nodes.prf import new_run_nonce, run_digest
 from ciphertwin.mpc_nodes.roster import NodeIdentity, Roster
 from ciphertwin.mpc_nodes.ring import to_ring
 from ciphertwin.mpc_nodes.shares import split_additive
@@ -43,9 +44,11 @@ async def test_contact_tracing_over_mosquitto() -> None:
     ids = [NodeIdentity.generate(i, f"t-node{i}") for i in range(3)]
     roster = Roster([i.entry() for i in ids])
     job = f"t-{os.urandom(4).hex()}"
+    run = run_digest([new_run_nonce() for _ in range(3)])
 
     async def node(i: int) -> tuple[OutputShare, int, Any]:
-        async with mqtt_party(job, ids[i], roster, chunk_bytes=8 * 1024, timeout_s=20) as party:
+        async with mqtt_party(job, ids[i], roster, run=run, chunk_bytes=8 * 1024,
+                              timeout_s=20) as party:
             await asyncio.sleep(0.3)  # every node subscribed before the first round
             inputs = await load_inputs(party, "contact_tracing", PARAMS, per_node[i])
             out = await run_function(party, "contact_tracing", PARAMS, inputs)
@@ -65,6 +68,6 @@ async def test_silent_peer_times_out_over_mosquitto() -> None:
     ids = [NodeIdentity.generate(i, f"s-node{i}") for i in range(3)]
     roster = Roster([i.entry() for i in ids])
     job = f"s-{os.urandom(4).hex()}"
-    async with mqtt_party(job, ids[0], roster, timeout_s=0.5) as party:
+    async with mqtt_party(job, ids[0], roster, run=bytes(32), timeout_s=0.5) as party:
         with pytest.raises(MessageTimeoutError, match="node 1"):
             await party.exchange(np.zeros(4, dtype=np.uint64), (4,))

@@ -87,12 +87,13 @@ def test_prf_is_deterministic_per_address_and_distinct_across_addresses() -> Non
 
 def test_zero_sharings_sum_to_zero() -> None:
     secrets = [bytes([i]) * 32 for i in range(3)]
-    rands = [CorrelatedRandomness(secrets[(i - 1) % 3], secrets[i], "job") for i in range(3)]
+    run = bytes(32)
+    rands = [CorrelatedRandomness(secrets[(i - 1) % 3], secrets[i], "job", run) for i in range(3)]
     arith = sum(r.zero_arith(7, 0, 500) for r in rands)
     boolean = rands[0].zero_bool(7, 1, 500) ^ rands[1].zero_bool(7, 1, 500) ^ rands[2].zero_bool(7, 1, 500)
     assert not arith.any() and not boolean.any()
     assert rands[0].zero_arith(7, 0, 500).any()
-    other_job = CorrelatedRandomness(secrets[2], secrets[0], "job2")
+    other_job = CorrelatedRandomness(secrets[2], secrets[0], "job2", run)
     assert not np.array_equal(other_job.zero_arith(7, 0, 5), rands[0].zero_arith(7, 0, 5))
 
 

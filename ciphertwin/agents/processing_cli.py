@@ -42,6 +42,12 @@ def _limits(pairs: list[str] | None) -> dict[str, int]:
     return out
 
 
+def _budget(args: argparse.Namespace) -> dict[str, int]:
+    """--max-jobs / --job-window: the token's job budget, which the nodes enforce."""
+    out = {"max_jobs": args.max_jobs} if args.max_jobs is not None else {}
+    return out | ({"window_s": int(args.job_window * 3600)} if args.job_window is not None else {})
+
+
 async def _grant_processing(args: argparse.Namespace) -> int:
     from ciphertwin.agents.processing import fetch_roster, grant_processing
 
@@ -55,7 +61,7 @@ async def _grant_processing(args: argparse.Namespace) -> int:
             bus, me.name, me.pre, me.signing, roster, args.twins.split(","), args.subset,
             granted=ShareIndexBook(_home(args) / GRANTED_SHARES_FILE),
             function_classes=args.functions.split(","), receiver_keys=receivers,
-            valid_for_s=int(args.days * 86400), limits=_limits(args.limit))
+            valid_for_s=int(args.days * 86400), limits=_limits(args.limit) | _budget(args))
     print(f"processing permitted: nodes {', '.join(roster.node_ids)} get share i of "
           f"{args.twins} where {args.subset!r}; token {token.token_id.hex()[:12]} for "
           f"{', '.join(token.function_classes)} until {token.not_after}")
@@ -148,6 +154,10 @@ def add_owner_commands(osub: Any) -> None:
     add_operator_key_option(p)
     p.add_argument("--days", type=float, default=1.0, help="token validity")
     p.add_argument("--limit", action="append", help="max_items=N, min_twins=N, max_points=N")
+    p.add_argument("--max-jobs", type=int, help="jobs the nodes accept per window with this "
+                   "token (default 20; bounds differencing across overlapping jobs)")
+    p.add_argument("--job-window", type=float, help="budget window in hours (default 24; 0: "
+                   "the token's whole validity)")
     p.set_defaults(func=_grant_processing)
 
 

@@ -74,6 +74,9 @@ class JobFailed(CipherTwinError):
 class _Tracking:
     """Reports from the nodes for the job in flight."""
 
+    roster: NodeRoster
+    """the roster the job was sent to: only its nodes' signed reports count, even if the
+    operator swaps the roster mid-job"""
     states: dict[int, str] = field(default_factory=dict)
     last_report: float = field(default_factory=time.monotonic)
     failure: str | None = None
@@ -202,13 +205,13 @@ class JobManager:
         except CipherTwinError:
             return
         track = self._tracking.get(env["job"])
-        if track is None or env["by"] == "cloud" or self.roster is None:
+        if track is None or env["by"] == "cloud":
             return
-        index = self.roster.index_of(env["by"])
+        index = track.roster.index_of(env["by"])
         if index is None:
             return
         try:
-            verify_status(env, VerifyKey(self.roster.roster[index].sign_public))
+            verify_status(env, VerifyKey(track.roster.roster[index].sign_public))
         except CipherTwinError as exc:
             log.warning("jobs.status_rejected", by=env["by"], reason=str(exc))
             return
@@ -262,7 +265,7 @@ class JobManager:
         plan = await self._plan(env, roster, [t for t, _ in twins])
         spec = self._spec(env, roster, params, twins, plan.counts, tokens)
         t1 = time.perf_counter()
-        self._tracking[job] = track = _Tracking()
+        self._tracking[job] = track = _Tracking(roster)
         waited, published = await self._stream(job, env, roster, plan, spec, track)
         t2 = time.perf_counter()
         await self._status(job, "sent", progress=0.0,

@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from ciphertwin.crypto.signing import SigningKey
 from ciphertwin.crypto.tokens import issue_write_token
 from ciphertwin.mpc_nodes.functions import get_function
 from ciphertwin.mpc_nodes.roster import NodeIdentity
+from ciphertwin.mpc_nodes.ledger import NodeLedger
 from ciphertwin.mpc_nodes.service import ProcessingNode
 from ciphertwin.protocol.control import build_control, control_request_id
 from ciphertwin.protocol.items import DeviceCredentials, build_item
@@ -243,9 +244,10 @@ async def start_world(stack: AsyncExitStack, *, broker: tuple[str, int] | None =
         ns = AsyncExitStack()
         await stack.enter_async_context(ns)
         bus = await ns.enter_async_context(mk(f"node{i}"))
+        ledger = ns.enter_context(closing(NodeLedger(tmp / f"node{i}.ledger")))
         node = ProcessingNode(bus, identities[i], pres[i], operator=operator.verify_key,
                               executor=executor, latency_s=rtt_ms / 2000,
-                              mpc_timeout_s=mpc_timeout_s)
+                              mpc_timeout_s=mpc_timeout_s, ledger=ledger)
         nodes.append(await ns.enter_async_context(node))
         node_stacks[i] = ns
     roster_msg = build_roster(operator, [n.entry() for n in identities],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from contextlib import closing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ def _entry(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from ciphertwin.mpc_nodes.ledger import NodeLedger
     from ciphertwin.mpc_nodes.service import ProcessingNode
 
     if args.index is None:
@@ -54,13 +56,15 @@ async def _run(args: argparse.Namespace) -> int:
     operator = pinned_operator(args.operator_key, deployment)
     me, node_id = _node_identity(args, args.index)
     workers = args.workers or max(1, (os.cpu_count() or 1) - 1)
-    with ProcessPoolExecutor(workers) as pool:
+    ledger = NodeLedger(_home(args) / "node-ledger.db")  # job ids run, token budgets spent
+    with ProcessPoolExecutor(workers) as pool, closing(ledger):
         async with _bus_for(args, deployment) as bus:
             async with ProcessingNode(bus, node_id, me.pre, operator=operator,
                                       roster_state=_home(args) / ROSTER_STATE_FILE, executor=pool,
                                       latency_s=args.rtt_ms / 2000,
                                       mpc_timeout_s=args.mpc_timeout,
-                                      verify_item_signatures=args.verify_item_signatures):
+                                      verify_item_signatures=args.verify_item_signatures,
+                                      ledger=ledger):
                 await asyncio.Event().wait()
     return 0
 

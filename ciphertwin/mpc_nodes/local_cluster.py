@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from ciphertwin.mpc_nodes.party import Party
+from ciphertwin.mpc_nodes.prf import new_run_nonce, run_digest
 from ciphertwin.mpc_nodes.shares import PARTIES
 from ciphertwin.mpc_nodes.transport.memory import MemoryNetwork
 
@@ -19,8 +20,9 @@ def memory_parties(
 ) -> list[Party]:
     """Three parties wired through a fresh :class:`MemoryNetwork`."""
     net = MemoryNetwork(latency_s=latency_s, timeout_s=timeout_s)
+    run = run_digest([new_run_nonce() for _ in range(PARTIES)])
     return [
-        Party(i, job, net.transport(i), *net.secrets_for(i), keep_view=keep_view)
+        Party(i, job, net.transport(i), *net.secrets_for(i), run=run, keep_view=keep_view)
         for i in range(PARTIES)
     ]
 

@@ -2,7 +2,9 @@
 
 All three parties run the same program, so counting rounds and random draws locally keeps
 them in step without extra messages: round r's payloads are tagged r, and draw k of round r
-reads PRF counter (r, k). Every message in these protocols flows from party i to party i-1
+reads PRF counter (r, k). The PRF keys belong to one *run* of the job (``run``: the digest of
+the three nodes' fresh nonces, see :mod:`prf`), so a replayed job id never repeats masks.
+Every message in these protocols flows from party i to party i-1
 (a "reshare"); :meth:`Party.exchange` is that one communication pattern.
 """
 
@@ -20,7 +22,6 @@ from ciphertwin.mpc_nodes.prf import CorrelatedRandomness
 from ciphertwin.mpc_nodes.shares import PARTIES, check_party
 from ciphertwin.mpc_nodes.transport.base import Transport
 from ciphertwin.mpc_nodes.wire import pack_words, unpack_words
-
 
 
 def check_job_id(job: str) -> str:
@@ -51,6 +52,7 @@ class Party:
         pair_secret_prev: bytes,
         pair_secret_next: bytes,
         *,
+        run: bytes,
         keep_view: bool = False,
     ) -> None:
         self.index = check_party(index)
@@ -60,7 +62,7 @@ class Party:
         self.transport = transport
         self.prev = (index - 1) % PARTIES
         self.next = (index + 1) % PARTIES
-        self.rand = CorrelatedRandomness(pair_secret_prev, pair_secret_next, job)
+        self.rand = CorrelatedRandomness(pair_secret_prev, pair_secret_next, job, run)
         self.round = 0
         self._op = 0
         self.log = RoundLog(keep_view=keep_view)

@@ -7,18 +7,33 @@ A node trusts neither the broker nor the cloud. For every job it:
    kept in ``roster_state`` across restarts) — hot swap: a new version replaces the old at
    once; a node not listed at its index takes no jobs;
 2. receives the job's input chunks from ``nodes/{me}/inputs/{job}`` (chunk 0 carries the spec);
-3. verifies every involved owner's process token (signature, validity, function class,
-   receiver key, roster digest, this node's key, limits) and refuses with a reason otherwise;
+3. refuses a job id it has run before — also across restarts (the :class:`NodeLedger` in its
+   home folder) — and verifies every involved owner's process token (signature, validity,
+   function class, receiver key, roster digest, this node's key, limits, and the token's job
+   budget ``max_jobs`` per ``window_s``, counted in the ledger) and refuses with a reason
+   otherwise;
 4. opens each chunk as soon as it arrives (the cloud is still re-encrypting later ones):
    decapsulates the re-encrypted capsule with its PRE key, checks the item's write token
    against the owner key named by the token, that the item's attributes satisfy the token's
    selector and carry ``share:i`` for its own index i, decrypts (and, if configured, checks
    the device's signature on the plaintext) — in an executor (worker processes if given);
-5. runs the function with the other two nodes over MQTT and publishes the HPKE-sealed,
+5. subscribes to the job's MPC topics, draws a fresh 32-byte run nonce and announces it in its
+   signed "ready" status (computing, round 0); once both peers' ready statuses (signed by the
+   job's roster nodes) are in, it keys the PRF streams and the channel with the digest of the
+   three nonces, so a replayed job id never reuses masks (frames arriving earlier wait in the
+   channel's buffer);
+6. runs the function with the other two nodes over MQTT and publishes the HPKE-sealed,
    node-signed output share to ``receivers/{receiver}/results/{job}``.
 
 Every step reports a signed status on ``jobs/{job}/status``; a failure anywhere (including a
 peer that goes silent) ends in ``failed`` with the reason and no output from this node.
+
+Whose ``failed`` a node believes: a running job is aborted only by a ``failed`` status signed
+by a node of *that job's* roster (the one the node checked the spec against). The cloud has
+no pinned signing key, so its (unsigned) ``failed`` is believed only for a job whose spec has
+not arrived yet — dropping such a job costs nothing. A running job whose cloud gives up ends
+on its own: the node times out waiting for the missing inputs or a silent peer. Anybody on
+the bus (a broker, another node principal) can therefore no longer abort running jobs.
 """
 
 from __future__ import annotations
@@ -44,9 +59,12 @@ from ciphertwin.crypto.tokens import ProcessToken, verify_process_token
 from ciphertwin.errors import CipherTwinError, ValidationError
 from ciphertwin.mpc_nodes.engine import expected_rounds, load_inputs, run_function
 from ciphertwin.mpc_nodes.functions import get_function
+from ciphertwin.mpc_nodes.ledger import NodeLedger, token_budget
 from ciphertwin.mpc_nodes.output import seal_output
+from ciphertwin.mpc_nodes.party import Party
+from ciphertwin.mpc_nodes.prf import new_run_nonce, run_digest
 from ciphertwin.mpc_nodes.roster import NodeIdentity
-from ciphertwin.mpc_nodes.transport.mqtt import mqtt_party
+from ciphertwin.mpc_nodes.transport.mqtt import mqtt_transport
 from ciphertwin.protocol.jobs import (
     NodeRoster,
     build_result,
@@ -82,6 +100,7 @@ class _Checked:
     env: Envelope
     params: dict[str, Any]
     selectors: dict[bytes, str]  # owner key -> token selector text
+    roster: NodeRoster  # the roster the spec was checked against: the job's roster
 
 
 def _fields(checked: _Checked) -> list[str]:
@@ -97,7 +116,7 @@ class ProcessingNode:
                  executor: Executor | None = None,
                  latency_s: float = 0.0, mpc_timeout_s: float = 30.0,
                  input_timeout_s: float = 300.0, qos: int = 0,
-                 verify_item_signatures: bool = False) -> None:
+                 verify_item_signatures: bool = False, ledger: NodeLedger | None = None) -> None:
         self.bus, self.identity, self.pre = bus, identity, pre
         self.operator, self.executor = operator, executor
         self.rosters = RosterHistory(operator, roster_state)
@@ -111,10 +130,14 @@ class ProcessingNode:
         self._pending: dict[str, _Pending] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self._finished: set[str] = set()
+        self.ledger = ledger or NodeLedger()
+        """job ids run and token uses, durable across restarts (in memory if none given)"""
         self.refused: dict[str, str] = {}
-        self._peers_ready: dict[str, set[int]] = {}
-        self._ready_changed = asyncio.Event()
         """job -> reason, for jobs this node refused or failed (tests and the CLI read it)."""
+        self._job_rosters: dict[str, NodeRoster] = {}
+        self._peers_ready: dict[str, dict[int, tuple[bytes, bytes]]] = {}
+        """job -> peer index -> (its signing key, its run nonce), from signed ready statuses"""
+        self._ready_changed = asyncio.Event()
 
     async def __aenter__(self) -> ProcessingNode:
         t = self.bus.topics
@@ -185,49 +208,85 @@ class ProcessingNode:
             log.warning("node.inputs_incomplete", node=self.name, job=job)
 
     async def _on_status(self, topic: str, payload: bytes, retain: bool) -> None:
-        """Stop working on a job the cloud (or a peer) declared failed."""
+        """Note peers' ready reports; stop a job its roster (or, if not started, the cloud) failed."""
         try:
             env = decode(payload, "job_status")
         except CipherTwinError:
             return
-        if env["state"] == "computing" and env["round"] == 0 and env["by"] != self.name:
+        job = env["job"]
+        if env["by"] == self.name:
+            return
+        if env["state"] == "computing" and env["round"] == 0:
             self._note_ready(env)
             return
-        if (env["state"] == "failed" and env["by"] != self.name and env["job"] not in self._running
-                and self._pending.pop(env["job"], None) is not None):
-            self._finished.add(env["job"])  # never started: drop what came, ignore the rest
-        task = self._running.get(env["job"])
-        if task is not None and env["state"] == "failed" and env["by"] != self.name:
-            log.info("node.job_aborted", node=self.name, job=env["job"], by=env["by"])
-            self.refused.setdefault(env["job"], f"aborted: {env['reason']}")
-            task.cancel()
+        if env["state"] != "failed":
+            return
+        task = self._running.get(job)
+        if task is None:
+            if self._pending.pop(job, None) is not None:
+                self._finished.add(job)  # never started: drop what came, ignore the rest
+            return
+        roster = self._job_rosters.get(job)
+        if roster is None or self._verified_signer(env, roster) is None:
+            log.warning("node.status_ignored", node=self.name, job=job, by=env["by"],
+                        reason="failed status not signed by a node of the job's roster")
+            return
+        log.info("node.job_aborted", node=self.name, job=job, by=env["by"])
+        self.refused.setdefault(job, f"aborted: {env['reason']}")
+        task.cancel()
+
+    @staticmethod
+    def _verified_signer(env: Envelope, roster: NodeRoster) -> int | None:
+        """Index of the roster node that signed the status as ``by``, or None."""
+        index = roster.index_of(env["by"])
+        if index is None:
+            return None
+        try:
+            verify_status(env, VerifyKey(roster.roster[index].sign_public))
+        except CipherTwinError:
+            return None
+        return index
 
     def _note_ready(self, env: Envelope) -> None:
-        """A peer subscribed to the job's MPC topics (signed report), so frames will not be lost."""
-        index = self.roster.index_of(env["by"]) if self.roster else None
-        if index is None:
-            return
-        try:
-            verify_status(env, VerifyKey(self.roster.roster[index].sign_public))  # type: ignore[union-attr]
-        except CipherTwinError:
+        """A peer subscribed to the job's MPC topics (signed report), so frames will not be lost.
+
+        Its first verified nonce for the job counts; a different later one (a replay of an
+        older run's report) is ignored — it could only make the nodes' keys disagree."""
+        roster = self._job_rosters.get(env["job"]) or self.roster
+        nonce = env.get("nonce")
+        index = self._verified_signer(env, roster) if roster and nonce else None
+        if index is None or roster is None:
             return
         if len(self._peers_ready) > 10_000:
             self._peers_ready.clear()
-        self._peers_ready.setdefault(env["job"], set()).add(index)
+        ready = self._peers_ready.setdefault(env["job"], {})
+        if index in ready:
+            if ready[index][1] != nonce:
+                log.warning("node.ready_conflict", node=self.name, job=env["job"], peer=index)
+            return
+        ready[index] = (roster.roster[index].sign_public, nonce)
         self._ready_changed.set()
 
-    async def _wait_peers(self, job: str) -> None:
+    def _peer_nonces(self, job: str, roster: NodeRoster) -> dict[int, bytes]:
+        """Peers' nonces whose ready report was signed by the job roster's node."""
+        return {i: nonce for i, (key, nonce) in self._peers_ready.get(job, {}).items()
+                if i != self.identity.index and roster.roster[i].sign_public == key}
+
+    async def _wait_peers(self, job: str, roster: NodeRoster, nonce: bytes) -> bytes:
+        """Wait for both peers' ready reports; the run digest of the three nonces."""
         deadline = time.monotonic() + self.mpc_timeout_s
-        while len(self._peers_ready.get(job, set()) - {self.identity.index}) < 2:
+        while len(nonces := self._peer_nonces(job, roster)) < 2:
             self._ready_changed.clear()
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = sorted({0, 1, 2} - self._peers_ready.get(job, set()) - {self.identity.index})
+                missing = sorted({0, 1, 2} - set(nonces) - {self.identity.index})
                 raise JobRefused(f"peer node(s) {missing} not ready within {self.mpc_timeout_s:.0f} s")
             try:
                 await asyncio.wait_for(self._ready_changed.wait(), left)
             except TimeoutError:
                 pass
+        nonces[self.identity.index] = nonce
+        return run_digest([nonces[i] for i in range(3)])
 
     # -- one job -------------------------------------------------------------------------
     async def _status(self, job: str, state: str, **kw: Any) -> None:
@@ -238,13 +297,17 @@ class ProcessingNode:
             log.warning("node.status_failed", node=self.name, job=job, error=str(exc))
 
     async def _run(self, job: str, pending: _Pending) -> None:
+        began, state = False, "failed"
         try:
             assert pending.spec is not None
             checked = self._check(job, pending.spec)
+            began = True
             opened = await self._collect(job, checked, pending)
             inputs, labels = self._arrange(checked, opened)
             await self._compute(job, checked, inputs, labels)
+            state = "delivered"
         except asyncio.CancelledError:
+            state = "cancelled"
             log.info("node.job_cancelled", node=self.name, job=job)
         except (CipherTwinError, ValueError) as exc:
             reason = f"node {self.name}: {exc}"[:256]
@@ -252,8 +315,12 @@ class ProcessingNode:
             log.warning("node.job_failed", node=self.name, job=job, reason=reason)
             await self._status(job, "failed", reason=reason)
         finally:
+            if began:
+                self.ledger.end(job, state)
             self._running.pop(job, None)
             self._pending.pop(job, None)
+            self._job_rosters.pop(job, None)
+            self._peers_ready.pop(job, None)
             self._finished.add(job)
 
     def _check(self, job: str, spec_bytes: bytes) -> _Checked:
@@ -278,14 +345,20 @@ class ProcessingNode:
                 continue
             by_issuer.setdefault(token.issuer.raw, []).append(token)
         selectors: dict[bytes, str] = {}
+        used: list[ProcessToken] = []
         for owner in owners:
-            selectors[owner] = self._token_for(env, owner, by_issuer.get(owner, []),
-                                               fn.function_class).selector
+            used.append(self._token_for(env, owner, by_issuer.get(owner, []), fn.function_class))
+            selectors[owner] = used[-1].selector
         roles = {t["role"] for t in env["twins"]}
         for name, b in env["bindings"].items():
             if b["role"] not in roles:
                 raise JobRefused(f"input {name}: no twins with role {b['role']!r}")
-        return _Checked(env, params, selectors)
+        # accepted: a job id runs once per node, ever; spend one job of every token's budget
+        if not self.ledger.begin(job):
+            raise JobRefused("this node already ran this job id (a replayed job)")
+        self.ledger.charge(job, [(t.token_id, t.not_after + 60.0) for t in used])
+        self._job_rosters[job] = self.roster
+        return _Checked(env, params, selectors, self.roster)
 
     def _token_for(self, env: Envelope, owner: bytes, candidates: Sequence[ProcessToken],
                    function_class: str) -> ProcessToken:
@@ -302,6 +375,7 @@ class ProcessingNode:
                     node_key=self.identity.signing.verify_key.raw, leeway_s=60,
                 )
                 self._check_limits(env, owner, token)
+                self._check_budget(token)
                 return token
             except TokenRejected as exc:
                 reason = str(exc)
@@ -321,6 +395,15 @@ class ProcessingNode:
         max_points = token.limits.get("max_points")
         if max_points is not None and env["points"] > max_points:
             raise TokenRejected("limit", f"more than max_points={max_points} per twin")
+
+    def _check_budget(self, token: ProcessToken) -> None:
+        """At most ``max_jobs`` accepted jobs per ``window_s`` per token (ledger: durable).
+
+        Bounds differencing: every extra job over overlapping twins can reveal more."""
+        max_jobs, window_s = token_budget(token.limits)
+        if self.ledger.uses(token.token_id, window_s) >= max_jobs:
+            raise TokenRejected("budget", f"job budget exhausted: max_jobs={max_jobs} per "
+                                          f"window_s={window_s}")
 
     async def _collect(self, job: str, checked: _Checked, pending: _Pending) -> OpenedColumns:
         """Open every chunk as it arrives (the cloud is still re-encrypting later ones)."""
@@ -418,13 +501,16 @@ class ProcessingNode:
     async def _compute(self, job: str, checked: _Checked, inputs: Mapping[str, np.ndarray],
                        labels: list[str]) -> None:
         env, params = checked.env, checked.params
-        assert self.roster is not None
         rounds = expected_rounds(env["function"], params)
-        async with mqtt_party(job, self.identity, self.roster.roster, bus=self.bus,
-                              latency_s=self.latency_s, timeout_s=self.mpc_timeout_s,
-                              qos=self.qos) as party:
-            await self._status(job, "computing", round_=0, rounds=rounds)  # = subscribed
-            await self._wait_peers(job)
+        nonce = new_run_nonce()
+        async with mqtt_transport(job, self.identity, checked.roster.roster, bus=self.bus,
+                                  latency_s=self.latency_s, timeout_s=self.mpc_timeout_s,
+                                  qos=self.qos) as transport:
+            # = subscribed (early frames wait in the transport until the keys exist)
+            await self._status(job, "computing", round_=0, rounds=rounds, nonce=nonce)
+            run = await self._wait_peers(job, checked.roster, nonce)
+            transport.set_run(run)
+            party = Party(self.identity.index, job, transport, *transport.secrets(), run=run)
             watcher = asyncio.create_task(self._watch_rounds(job, party, rounds))
             try:
                 shared = await load_inputs(party, env["function"], params, inputs)

@@ -10,8 +10,9 @@ Who sends what:
   owner and twin, receiver and its X25519 key);
 * cloud → node i on ``nodes/{node}/inputs/{job}``: ``node_inputs`` chunks; chunk 0 carries the
   ``job_spec`` (everything a node checks before it touches an input);
-* cloud and nodes → all on ``jobs/{job}/status``: ``job_status`` (the cloud's is retained; the
-  nodes' are signed, so the cloud only believes roster nodes);
+* cloud and nodes → all on ``jobs/{job}/status``: ``job_status`` (the cloud's is retained and
+  unsigned; the nodes' are signed, so the cloud and the nodes only believe the job's roster
+  nodes; a node's "ready" report — computing, round 0 — carries its fresh per-run ``nonce``);
 * node → receiver on ``receivers/{receiver}/results/{job}``: ``job_result`` — the HPKE-sealed
   output share, signed by the node.
 """
@@ -74,7 +75,7 @@ NODE_INPUTS = register_kind("node_inputs", {
 }, max_size=80 * 1024 * 1024)
 JOB_STATUS = register_kind("job_status", {
     "job": ID, "state": Str(16, 1), "progress": Float(), "round": U64, "rounds": U64,
-    "reason": REASON, "by": ID, "time": Float(), "sig": Opt(SIG),
+    "reason": REASON, "by": ID, "time": Float(), "sig": Opt(SIG), "nonce": Opt(Bytes(32, 32)),
 })
 JOB_RESULT = register_kind("job_result", {
     "job": ID, "function": Str(64, 1), "party": Int(0, 2), "node": ID,
@@ -204,13 +205,19 @@ def default_bindings(function: str, params: Mapping[str, Any]) -> dict[str, dict
 
 
 def build_status(job: str, state: str, by: str, *, progress: float = 0.0, round_: int = 0,
-                 rounds: int = 0, reason: str = "", signer: SigningKey | None = None) -> bytes:
-    """A status report; nodes sign theirs so the cloud believes only roster nodes."""
+                 rounds: int = 0, reason: str = "", signer: SigningKey | None = None,
+                 nonce: bytes | None = None) -> bytes:
+    """A status report; nodes sign theirs so the cloud believes only roster nodes.
+
+    ``nonce``: a node's fresh per-run key contribution, carried (signed) by its "ready"
+    report (computing, round 0) — see :mod:`ciphertwin.mpc_nodes.prf`."""
     if state not in STATES:
         raise ValidationError(f"unknown job state {state!r}")
     body: dict[str, Any] = {"job": job, "state": state, "progress": float(progress),
                             "round": round_, "rounds": rounds, "reason": reason[:256], "by": by,
                             "time": time.time()}
+    if nonce is not None:
+        body["nonce"] = nonce
     if signer is not None:
         body["sig"] = signer.sign_object(_STATUS_CTX, body)
     return encode("job_status", body)

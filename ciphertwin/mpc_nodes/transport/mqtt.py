@@ -1,7 +1,12 @@
 """A party whose rounds travel over MQTT: BusClient + SecureTransport + Party in one step.
 
-    async with mqtt_party("job-7", identity, roster, host="127.0.0.1", port=1883) as party:
+    run = run_digest([nonce0, nonce1, nonce2])  # every node's fresh nonce for this run
+    async with mqtt_party("job-7", identity, roster, run=run, host="127.0.0.1") as party:
         share = await run_function(party, "sum", {}, inputs)
+
+The node service needs to subscribe *before* the nonces are known (it announces its own
+nonce only once subscribed): it uses :func:`mqtt_transport`, then ``transport.set_run`` and
+builds the :class:`Party` itself.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from ciphertwin.mpc_nodes.transport.secure import DEFAULT_CHUNK_BYTES, SecureTra
 
 
 @asynccontextmanager
-async def mqtt_party(
+async def mqtt_transport(
     job: str,
     identity: NodeIdentity,
     roster: Roster,
@@ -34,8 +39,8 @@ async def mqtt_party(
     max_rounds: int = 64,
     qos: int = 0,
     bus: BusClient | None = None,
-) -> AsyncIterator[Party]:
-    """Connect (or reuse ``bus``), subscribe to the job's inbound topic, yield the party.
+) -> AsyncIterator[SecureTransport]:
+    """Connect (or reuse ``bus``) and subscribe to the job's inbound topic; keys come later.
 
     QoS 0 by default: the channel already detects loss (timeout naming the missing round)
     and duplicates, and QoS 1 costs a 40 ms stall per round against brokers that leave
@@ -57,9 +62,18 @@ async def mqtt_party(
         )
         await transport.start()
         try:
-            yield Party(identity.index, job, transport, *transport.secrets())
+            yield transport
         finally:
             await transport.close()
     finally:
         if own_bus:
             await client.close()
+
+
+@asynccontextmanager
+async def mqtt_party(job: str, identity: NodeIdentity, roster: Roster, *, run: bytes,
+                     **kw: object) -> AsyncIterator[Party]:
+    """:func:`mqtt_transport` keyed for the run digest ``run``, as a :class:`Party`."""
+    async with mqtt_transport(job, identity, roster, **kw) as transport:  # type: ignore[arg-type]
+        transport.set_run(run)
+        yield Party(identity.index, job, transport, *transport.secrets(), run=run)

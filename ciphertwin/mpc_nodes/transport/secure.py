@@ -3,14 +3,21 @@
 Every round payload from node f to node t in job j travels as one or more frames on topic
 ``{prefix}/mpc/{j}/{node f}/{node t}``. A frame is a canonical msgpack map
 ``{"t": "mpc-frame", "v": 1, job, r, f, to, c, n, len, iv, ct}`` where ``ct`` is AES-256-GCM
-of chunk c (of n; the whole payload has ``len`` bytes) under the per-(job, direction) key
-HKDF(pair secret, "chan", job, f→t), with (job, round, from, to, chunk, n, len) as associated
-data and a random 96-bit nonce. Hence:
+of chunk c (of n; the whole payload has ``len`` bytes) under the per-(run, direction) key
+HKDF(pair secret, "chan", job, run, f→t), with (job, round, from, to, chunk, n, len) as
+associated data and a random 96-bit nonce. ``run`` is the digest of the three nodes' fresh
+per-run nonces (:func:`ciphertwin.mpc_nodes.prf.run_digest`), so a job id replayed to a
+restarted node gets new keys. The transport subscribes before the nonces are known (so no
+frame is lost): frames that arrive before :meth:`SecureTransport.set_run` are buffered
+(bounded) and opened once the keys exist — never dropped, never tried with a wrong key.
+Hence:
 
 * the broker and cloud see only sizes and timing;
 * a frame moved to another job, round, direction or position fails authentication;
 * duplicates (QoS 1 redelivery) are dropped, reordering is absorbed by the (round, chunk)
   tags, and a missing frame surfaces as :class:`MessageTimeoutError` naming what is missing;
+* a peer that used other nonces (a wrong or missing nonce) cannot talk: its frames fail
+  authentication;
 * a forged or altered frame, or a frame for a round beyond the job's declared range, stops
   the job at once with :class:`TamperedMessageError` / :class:`UnexpectedRoundError` —
   waiting for a timeout would only hide an attack.
@@ -32,12 +39,13 @@ from ciphertwin.errors import ValidationError
 from ciphertwin.mpc_nodes.errors import (
     ChannelError,
     MessageTimeoutError,
+    MpcValidationError,
     TamperedMessageError,
     UnexpectedRoundError,
     UnknownJobError,
 )
 from ciphertwin.mpc_nodes.party import check_job_id
-from ciphertwin.mpc_nodes.prf import derive_job_key
+from ciphertwin.mpc_nodes.prf import check_run, derive_job_key
 from ciphertwin.mpc_nodes.roster import NodeIdentity, Roster
 from ciphertwin.mpc_nodes.shares import PARTIES
 from ciphertwin.mpc_nodes.transport.base import Transport
@@ -48,6 +56,8 @@ log = structlog.get_logger(__name__)
 FRAME_TAG = "mpc-frame"
 FRAME_FIELDS = ("job", "r", "f", "to", "c", "n", "len", "iv", "ct")
 DEFAULT_CHUNK_BYTES = 256 * 1024
+EARLY_LIMIT_BYTES = 256 * 1024 * 1024
+"""frames buffered before the run keys are known; more is a flood and stops the job"""
 MAX_PAYLOAD_BYTES = 1 << 30
 _FRAME_OVERHEAD = 512
 _NONCE = 12
@@ -81,7 +91,9 @@ class SecureTransport(Transport):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_rounds: int = 64,
         latency_s: float = 0.0,
+        run: bytes | None = None,
     ) -> None:
+        """``run`` (the run digest) may come later through :meth:`set_run`."""
         super().__init__(identity.index, latency_s=latency_s)
         roster.check_identity(identity)
         if not 1024 <= chunk_bytes <= 16 * 1024 * 1024:
@@ -98,8 +110,11 @@ class SecureTransport(Transport):
         self.max_rounds = max_rounds
         me = identity.index
         self.pair_secrets = {p: roster.pair_secret(identity, p) for p in range(PARTIES) if p != me}
-        self._send_keys = {p: self._channel_key(me, p) for p in self.pair_secrets}
-        self._recv_keys = {p: self._channel_key(p, me) for p in self.pair_secrets}
+        self.run: bytes | None = None
+        self._send_keys: dict[int, AESGCM] = {}
+        self._recv_keys: dict[int, AESGCM] = {}
+        self._early: list[tuple[str, bytes]] = []
+        self._early_bytes = 0
         self._incoming: dict[tuple[int, int], _Incoming] = {}
         self._ready: dict[tuple[int, int], asyncio.Future[bytes]] = {}
         self._delivered: set[tuple[int, int]] = set()
@@ -107,10 +122,24 @@ class SecureTransport(Transport):
         self.duplicates = 0
         self.rejected: list[str] = []
         self._filter = self.topics.filter("mpc", job=job, to=identity.node_id)
+        if run is not None:
+            self.set_run(run)
 
-    def _channel_key(self, frm: int, to: int) -> AESGCM:
+    def _channel_key(self, frm: int, to: int, run: bytes) -> AESGCM:
         secret = self.pair_secrets[to if frm == self.party else frm]
-        return AESGCM(derive_job_key(secret, self.job, f"chan/{frm}>{to}".encode()))
+        return AESGCM(derive_job_key(secret, self.job, f"chan/{frm}>{to}".encode(), run))
+
+    def set_run(self, run: bytes) -> None:
+        """Derive this run's channel keys, then open the frames buffered until now."""
+        if self.run is not None:
+            raise MpcValidationError(f"job {self.job}: the run keys are already set")
+        me = self.party
+        self._send_keys = {p: self._channel_key(me, p, check_run(run)) for p in self.pair_secrets}
+        self._recv_keys = {p: self._channel_key(p, me, run) for p in self.pair_secrets}
+        self.run = run
+        early, self._early, self._early_bytes = self._early, [], 0
+        for topic, data in early:
+            self._file(topic, data)
 
     def secrets(self) -> tuple[bytes, bytes]:
         """(pair secret with party i-1, with party i+1), for :class:`Party`."""
@@ -134,6 +163,8 @@ class SecureTransport(Transport):
         total = len(payload)
         n = max(1, -(-total // self.chunk_bytes))
         view = memoryview(payload)
+        if self.run is None:
+            raise MpcValidationError(f"job {self.job}: no run keys yet (call set_run first)")
         key = self._send_keys[to]
         frames = []
         for c in range(n):
@@ -183,6 +214,20 @@ class SecureTransport(Transport):
                 fut.exception()  # mark retrieved: the waiter may already have given up
 
     async def _on_frame(self, topic: str, data: bytes) -> None:
+        if self.run is not None:
+            self._file(topic, data)
+            return
+        self._early_bytes += len(data)
+        if self._early_bytes > EARLY_LIMIT_BYTES:
+            self._fail(TamperedMessageError(
+                f"job {self.job}: over {EARLY_LIMIT_BYTES} bytes of frames before the run "
+                "keys were agreed (flood)"))
+            self._early.clear()
+            return
+        self._early.append((topic, data))
+
+    def _file(self, topic: str, data: bytes) -> None:
+        """Open one frame with the run keys; a bad frame stops the job (another job's: logged)."""
         try:
             self.open_frame(topic, data)
         except UnknownJobError as exc:
