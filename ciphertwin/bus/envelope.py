@@ -279,7 +279,8 @@ class Kind:
         if self.nested:
             msg = {k: self.fields[k].canonical(v) if k in self.nested else v
                    for k, v in msg.items()}
-        return msgpack.packb(dict(sorted(msg.items())), use_bin_type=True)  # type: ignore[no-any-return]
+        data: bytes = msgpack.packb(dict(sorted(msg.items())), use_bin_type=True)
+        return data
 
     def is_packed(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview) -> bool:
         """Is ``payload``, which decoded to the checked ``msg``, exactly ``pack(msg)``? Cheap
