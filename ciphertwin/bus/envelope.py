@@ -268,11 +268,6 @@ class Kind:
         """Fields whose values can hold maps (most kinds have none: nothing to walk)."""
         return frozenset(name for name, spec in self.fields.items() if spec.holds_maps)
 
-    @cached_property
-    def wire_fields(self) -> dict[str, Spec]:
-        """The schema of the whole map, ``t`` and ``v`` included."""
-        return {**self.fields, "t": Str(64, 1), "v": Int(0, 2**32 - 1)}
-
     def pack(self, msg: Mapping[str, Any]) -> bytes:
         """The one wire form of a checked message (``t`` and ``v`` included): keys sorted at
         every level."""
@@ -282,14 +277,13 @@ class Kind:
         data: bytes = msgpack.packb(dict(sorted(msg.items())), use_bin_type=True)
         return data
 
-    def is_packed(self, msg: dict[str, Any], payload: bytes | bytearray | memoryview) -> bool:
-        """Is ``payload``, which decoded to the checked ``msg``, exactly ``pack(msg)``? Cheap
-        for the (hot) flat kinds: decoding kept the keys' order, so checking that order and
-        packing ``msg`` as it is will do."""
-        if self.nested:
-            return self.pack(msg) == payload
-        keys = list(msg)
-        return keys == sorted(keys) and msgpack.packb(msg, use_bin_type=True) == payload
+
+def _packed_as_is(msg: dict[str, Any], payload: bytes | bytearray | memoryview) -> bool:
+    """Is ``payload``, which decoded to the flat map ``msg``, its one wire form? Decoding
+    keeps the keys' order, so checking that order and packing ``msg`` as it is will do (the
+    cheap check, for the kinds without nested maps — items among them)."""
+    keys = list(msg)
+    return keys == sorted(keys) and msgpack.packb(msg, use_bin_type=True) == payload
 
 
 _KINDS: dict[str, Kind] = {}
@@ -429,14 +423,20 @@ def decode(
         )
     if size > kind.max_size:
         raise EnvelopeError(f"{kind_name!r} of {size} bytes exceeds limit {kind.max_size}")
-    err = _check_fields(msg, kind.wire_fields)
+    if not kind.nested and not _packed_as_is(msg, payload):
+        raise _not_canonical(kind_name)
+    del msg["t"], msg["v"]
+    err = _check_fields(msg, kind.fields)
     if err:
         raise EnvelopeError(f"invalid {kind_name!r}: {err}")
-    if not kind.is_packed(msg, payload):
-        raise EnvelopeError(f"{kind_name!r} is not in canonical form (re-encoded: keys out of "
-                            "order, or a longer encoding than needed)")
-    del msg["t"], msg["v"]
+    if kind.nested and kind.pack({"t": kind_name, "v": version, **msg}) != payload:
+        raise _not_canonical(kind_name)  # sorting nested maps needs the checked schema
     return Envelope(kind_name, version, msg, size)
+
+
+def _not_canonical(kind_name: str) -> EnvelopeError:
+    return EnvelopeError(f"{kind_name!r} is not in canonical form (re-encoded: keys out of "
+                         "order, or a longer encoding than needed)")
 
 
 # Kinds owned by the bus layer itself (generic replies to request/response exchanges).
