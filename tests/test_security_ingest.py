@@ -79,8 +79,8 @@ class Device:
 class Cloud:
     """The ingest pipeline on a real store; records what each device is told."""
 
-    def __init__(self, pipeline: IngestPipeline) -> None:
-        self.pipeline = pipeline
+    def __init__(self, store: SqliteTwinStore, trust: TrustRegistry) -> None:
+        self.pipeline = IngestPipeline(store, trust, self.publish_ack, self.on_stored)
         self.acked: dict[str, set[int]] = {}
         self.told: dict[str, list[dict[str, Any]]] = {}
 
@@ -88,6 +88,9 @@ class Cloud:
         ack = decode(payload, "ack")  # as the device decodes it
         self.acked.setdefault(device, set()).update(ack["seqs"])
         self.told.setdefault(device, []).extend(ack["rejected"])
+
+    async def on_stored(self, items: object) -> None:
+        return None
 
     async def ingest(self, *payloads: bytes) -> list[tuple[str, int]]:
         """One batch on twin t1's topic; the (device, seq) newly stored."""
@@ -101,17 +104,8 @@ async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
     await store.open()
     trust = TrustRegistry(store)
     await trust.register_owner("alice", OWNER_SIG.verify_key, OWNER_PRE.public)
-    holder: list[Cloud] = []
-
-    async def publish_ack(twin: str, device: str, payload: bytes) -> None:
-        await holder[0].publish_ack(twin, device, payload)
-
-    async def on_stored(items: object) -> None:
-        return None
-
-    holder.append(Cloud(IngestPipeline(store, trust, publish_ack, on_stored)))
     try:
-        yield holder[0]
+        yield Cloud(store, trust)
     finally:
         await store.close()
 
@@ -128,7 +122,7 @@ def forge_capsule(sibling: Device, victim_first: bytes, how: str, seq: int) -> b
         return sibling.resign(sibling.item(seq, ("twin:t1", "type:location")),
                               capsule=victim["capsule"], capsule_id=cid)
     if how == "sibling's own capsule":
-        own = decode_item(Device("d2").item(seq))["capsule"]  # valid, alice's, same attributes
+        own = decode_item(Device("d2").item(seq))["capsule"]  # new epoch: valid, alice's
         return sibling.resign(sibling.item(seq), capsule=own, capsule_id=cid)
     return sibling.resign(sibling.item(seq), capsule=os.urandom(200), capsule_id=cid)
 
