@@ -6,12 +6,21 @@ and then checks every field of the declared schema: presence, type, length and r
 malformed message raises :class:`EnvelopeError` (a ``ValidationError``) with a reason that
 can be logged; nothing else escapes.
 
+Every message has exactly one wire form, and decoding accepts only that one: the received
+bytes must equal the re-encoding of what they decode to. Signatures are checked over
+canonical re-encodings, so without this the broker could re-encode a signed message (reorder
+keys, widen an integer, use a longer string header) without breaking its signature — and a
+store that is idempotent on bytes would then take the re-encoding first and refuse the
+genuine message as a conflict.
+
 Schemas are declarative: one :func:`register_kind` call (one line per kind) declares the
 fields of a message kind and its size limit::
 
     register_kind("ack", {"twin": ID, "device": ID, "seq": U64})
 
-Wire form: a msgpack map ``{"t": kind, "v": version, **fields}`` with sorted keys.
+Wire form: a msgpack map ``{"t": kind, "v": version, **fields}`` with sorted keys (in
+nested maps too), each value in msgpack's shortest encoding, floats as float64 — exactly
+what :func:`encode` produces.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import msgpack
@@ -39,9 +49,15 @@ class Spec:
     """A field constraint; ``check`` returns an error text or None."""
 
     optional = False
+    holds_maps = False
+    """Can a value hold a map? Only then does :meth:`canonical` need to walk it."""
 
     def check(self, value: Any) -> str | None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def canonical(self, value: Any) -> Any:
+        """``value`` (already checked) with the keys of every map in it sorted."""
+        return value
 
 
 def _len_err(n: int, lo: int, hi: int | None, unit: str) -> str | None:
@@ -141,6 +157,13 @@ class ListOf(Spec):
                 return f"[{i}]: {err}"
         return None
 
+    @property
+    def holds_maps(self) -> bool:  # type: ignore[override]
+        return self.item.holds_maps
+
+    def canonical(self, value: Any) -> Any:
+        return [self.item.canonical(v) for v in value] if self.item.holds_maps else value
+
 
 @dataclass(frozen=True)
 class MapOf(Spec):
@@ -164,6 +187,11 @@ class MapOf(Spec):
                 return f"[{k!r:.40}]: {err}"
         return None
 
+    holds_maps = True
+
+    def canonical(self, value: Any) -> Any:
+        return {k: self.value.canonical(value[k]) for k in sorted(value)}
+
 
 @dataclass(frozen=True)
 class Struct(Spec):
@@ -176,6 +204,11 @@ class Struct(Spec):
             return f"expected map, got {type(value).__name__}"
         return _check_fields(value, self.fields)
 
+    holds_maps = True
+
+    def canonical(self, value: Any) -> Any:
+        return {k: self.fields[k].canonical(value[k]) for k in sorted(value)}
+
 
 @dataclass(frozen=True)
 class Opt(Spec):
@@ -186,6 +219,13 @@ class Opt(Spec):
 
     def check(self, value: Any) -> str | None:
         return self.inner.check(value)
+
+    @property
+    def holds_maps(self) -> bool:  # type: ignore[override]
+        return self.inner.holds_maps
+
+    def canonical(self, value: Any) -> Any:
+        return self.inner.canonical(value)
 
 
 # Handy constants for schemas.
@@ -222,6 +262,28 @@ class Kind:
     fields: Mapping[str, Spec]
     max_size: int = DEFAULT_MAX_SIZE
     versions: frozenset[int] = frozenset({VERSION})
+
+    @cached_property
+    def nested(self) -> frozenset[str]:
+        """Fields whose values can hold maps (most kinds have none: nothing to walk)."""
+        return frozenset(name for name, spec in self.fields.items() if spec.holds_maps)
+
+    def pack(self, msg: Mapping[str, Any]) -> bytes:
+        """The one wire form of a checked message (``t`` and ``v`` included): keys sorted at
+        every level."""
+        if self.nested:
+            msg = {k: self.fields[k].canonical(v) if k in self.nested else v
+                   for k, v in msg.items()}
+        data: bytes = msgpack.packb(dict(sorted(msg.items())), use_bin_type=True)
+        return data
+
+
+def _packed_as_is(msg: dict[str, Any], payload: bytes | bytearray | memoryview) -> bool:
+    """Is ``payload``, which decoded to the flat map ``msg``, its one wire form? Decoding
+    keeps the keys' order, so checking that order and packing ``msg`` as it is will do (the
+    cheap check, for the kinds without nested maps — items among them)."""
+    keys = list(msg)
+    return keys == sorted(keys) and msgpack.packb(msg, use_bin_type=True) == payload
 
 
 _KINDS: dict[str, Kind] = {}
@@ -293,9 +355,8 @@ def encode(kind: str, body: Mapping[str, Any], *, version: int = VERSION) -> byt
     err = _check_fields(body, k.fields)
     if err:
         raise EnvelopeError(f"cannot encode {kind!r}: {err}")
-    msg = {"t": kind, "v": version, **body}
     try:
-        data: bytes = msgpack.packb(dict(sorted(msg.items())), use_bin_type=True)
+        data = k.pack({"t": kind, "v": version, **body})
     except (TypeError, ValueError, OverflowError) as exc:
         raise EnvelopeError(f"cannot encode {kind!r}: {exc}") from None
     if len(data) > k.max_size:
@@ -348,8 +409,8 @@ def decode(
         raise EnvelopeError(f"not a msgpack message: {type(exc).__name__}") from None
     if not isinstance(msg, dict):
         raise EnvelopeError(f"envelope must be a map, got {type(msg).__name__}")
-    kind_name = msg.pop("t", None)
-    version = msg.pop("v", None)
+    kind_name = msg.get("t")
+    version = msg.get("v")
     if not isinstance(kind_name, str):
         raise EnvelopeError("envelope has no kind ('t')")
     kind = schemas.get(kind_name)
@@ -362,10 +423,20 @@ def decode(
         )
     if size > kind.max_size:
         raise EnvelopeError(f"{kind_name!r} of {size} bytes exceeds limit {kind.max_size}")
+    if not kind.nested and not _packed_as_is(msg, payload):
+        raise _not_canonical(kind_name)
+    del msg["t"], msg["v"]
     err = _check_fields(msg, kind.fields)
     if err:
         raise EnvelopeError(f"invalid {kind_name!r}: {err}")
+    if kind.nested and kind.pack({"t": kind_name, "v": version, **msg}) != payload:
+        raise _not_canonical(kind_name)  # sorting nested maps needs the checked schema
     return Envelope(kind_name, version, msg, size)
+
+
+def _not_canonical(kind_name: str) -> EnvelopeError:
+    return EnvelopeError(f"{kind_name!r} is not in canonical form (re-encoded: keys out of "
+                         "order, or a longer encoding than needed)")
 
 
 # Kinds owned by the bus layer itself (generic replies to request/response exchanges).

@@ -22,6 +22,13 @@ at the same time:
 
 Stage 2 uses a verdict of stage 1 only for exactly the (payload, device key, owner key) it
 checks itself; anything else is verified there, as before.
+
+Capsules: the index of known capsules (id -> twin, attributes) holds only capsules that
+passed every check and were committed, and an entry is never overwritten — else a sibling
+device could send a forged capsule under another device's capsule id and get that device's
+genuine items refused (finally: they would be stuck in its outbox). Items of a capsule new in
+the batch use what the first good item carrying it says; if no carrier passed, they are not
+refused but left for a resend (unless their own device sent the refused capsule).
 """
 
 from __future__ import annotations
@@ -71,6 +78,9 @@ class Candidate:
     device_key: VerifyKey
     attributes: tuple[str, ...]
     capsule_bytes: bytes | None
+    """A capsule the item carries that is not known yet (one known already is not stored
+    again)."""
+    capsule_known: bool
     index: int = -1
     """Position in the prepared batch (where its speculative check, if any, is)."""
 
@@ -101,9 +111,10 @@ class CapsuleNotYetKnown(Rejected):
 
 
 class CapsuleIndex:
-    """capsule_id -> (twin, attributes): items reuse their key epoch's capsule, and a capsule
-    serves only the twin it was first stored for (else a grantee of one twin could be handed
-    the data key of another)."""
+    """capsule_id -> (twin, attributes) of stored capsules: items reuse their key epoch's
+    capsule, and a capsule serves only the twin it was first stored for (else a grantee of
+    one twin could be handed the data key of another). Only committed capsules go in, and an
+    entry is never overwritten (see the module docstring)."""
 
     def __init__(self, store: TwinStore, limit: int = 100_000) -> None:
         self.store = store
@@ -111,8 +122,12 @@ class CapsuleIndex:
         self._limit = limit
 
     def remember(self, capsule_id: bytes, twin: str, attributes: tuple[str, ...]) -> None:
+        """Record a stored capsule; a known id keeps what it was first stored with (the
+        store keeps the first row too)."""
+        if capsule_id in self._info:
+            self._info.move_to_end(capsule_id)
+            return
         self._info[capsule_id] = (twin, attributes)
-        self._info.move_to_end(capsule_id)
         if len(self._info) > self._limit:
             self._info.popitem(last=False)
 
@@ -121,10 +136,6 @@ class CapsuleIndex:
         if missing:
             for cid, (twin, attrs) in (await self.store.capsule_info(missing)).items():
                 self.remember(cid, twin, attrs)
-
-    def forget(self, capsule_ids: set[bytes]) -> None:
-        for cid in capsule_ids:
-            self._info.pop(cid, None)
 
     def get(self, capsule_id: bytes) -> tuple[str, tuple[str, ...]] | None:
         return self._info.get(capsule_id)
@@ -199,6 +210,39 @@ class BatchResult:
             self.acks[key] += seqs
         for key, refused in other.refusals.items():
             self.refusals[key] += refused
+
+
+NewCapsules = dict[bytes, tuple[str, tuple[str, ...]]]
+
+
+def _new_capsules(candidates: list[Candidate], reasons: list[str | None]) -> NewCapsules:
+    """The capsules this batch will store, as the first good item carrying each says (its
+    bytes hash to the id, so every good carrier of an id carries the same capsule)."""
+    claims: NewCapsules = {}
+    for c, r in zip(candidates, reasons, strict=True):
+        if r is None and c.capsule_bytes is not None:
+            claims.setdefault(c.item["capsule_id"], (c.item["twin"], c.attributes))
+    return claims
+
+
+def _capsule_refusal(c: Candidate, claims: NewCapsules,
+                     refused_own: set[tuple[bytes, str, str]]) -> Rejected | None:
+    """Why an item of a capsule new in this batch cannot be stored, if it cannot. No good
+    carrier: left for a resend (a forged carrier must not get genuine items refused), unless
+    the item's own device sent the refused capsule."""
+    if c.capsule_known:
+        return None  # checked against the index in the cheap pass
+    twin, cid = c.item["twin"], c.item["capsule_id"]
+    claim = claims.get(cid)
+    if claim is None:
+        if (cid, twin, c.item["device"]) in refused_own:
+            return Rejected("its capsule was refused")
+        return CapsuleNotYetKnown("no valid capsule for it arrived (yet)")
+    if claim[0] != twin:
+        return Rejected("capsule belongs to another twin")
+    if claim[1] != c.attributes:
+        return Rejected("item attributes differ from its capsule's")
+    return None
 
 
 def _discard(fut: asyncio.Future[Any]) -> None:
@@ -346,10 +390,11 @@ class IngestPipeline:
         """Schema-level, token and binding checks; reserve new bindings for this batch."""
         now = time.time()
         self.trust.begin_batch()
+        carried = {item["capsule_id"] for _, item, _ in decoded if "capsule" in item.body}
         candidates: list[Candidate] = []
         for index, (twin, item, payload) in enumerate(decoded):
             try:
-                candidate = self._cheap_checks(twin, item, payload, now)
+                candidate = self._cheap_checks(twin, item, payload, now, carried)
                 candidate.index = index
             except Rejected as exc:
                 transient = isinstance(exc, CapsuleNotYetKnown)
@@ -358,27 +403,27 @@ class IngestPipeline:
                 continue
             candidates.append(candidate)
             self.trust.reserve(twin, candidate.owner, item["device"], candidate.device_key)
-            if candidate.capsule_bytes is not None:  # later items of this batch may use it
-                self.capsules.remember(item["capsule_id"], twin, candidate.attributes)
         return candidates
 
     async def _expensive_pass(self, candidates: list[Candidate], prepared: Prepared,
                               result: BatchResult) -> list[Candidate]:
-        """Signatures and new capsules (from the pool); an item whose capsule was refused
-        goes too, even if its own signature is good."""
+        """Signatures and new capsules (from the pool), then the items of capsules new in
+        this batch against the capsule that will be stored."""
         reasons = await self._verdicts(candidates, prepared)
-        refused_capsules = {c.item["capsule_id"] for c, r in zip(candidates, reasons, strict=True)
-                            if r is not None and c.capsule_bytes is not None}
+        claims = _new_capsules(candidates, reasons)
+        refused_own = {(c.item["capsule_id"], c.item["twin"], c.item["device"])
+                       for c, r in zip(candidates, reasons, strict=True)
+                       if r is not None and r not in SENDER_UNPROVEN
+                       and c.capsule_bytes is not None}
         good: list[Candidate] = []
         for c, r in zip(candidates, reasons, strict=True):
-            if r is None and c.item["capsule_id"] in refused_capsules:
-                r = "its capsule was refused"
-            if r is None:
+            refusal = Rejected(r) if r is not None else _capsule_refusal(c, claims, refused_own)
+            if refusal is None:
                 good.append(c)
             else:
-                self._refuse(c.item, c.item["twin"], c.item["device"], r, result.refusals,
-                             notify=r not in SENDER_UNPROVEN)
-        self.capsules.forget(refused_capsules)
+                self._refuse(c.item, c.item["twin"], c.item["device"], refusal.reason,
+                             result.refusals, notify=refusal.reason not in SENDER_UNPROVEN
+                             and not isinstance(refusal, CapsuleNotYetKnown))
         return good
 
     async def _store(self, good: list[Candidate], result: BatchResult) -> None:
@@ -389,6 +434,8 @@ class IngestPipeline:
         ]
         if new_capsules:
             await self.store.put_capsules(new_capsules)  # type: ignore[arg-type]
+            for cid, twin, attrs, _ in new_capsules:
+                self.capsules.remember(cid, twin, attrs)
         outcomes = await self.store.append_envelopes([
             StoredEnvelope(c.item["twin"], c.item["device"], c.item["seq"], c.item["capsule_id"],
                            c.attributes, float(c.item["time"]), c.payload)
@@ -434,7 +481,8 @@ class IngestPipeline:
             for i in range(0, len(work), size)))
         return [r for part in parts for r in part]
 
-    def _cheap_checks(self, twin: str, item: Envelope, payload: bytes, now: float) -> Candidate:
+    def _cheap_checks(self, twin: str, item: Envelope, payload: bytes, now: float,
+                      carried: set[bytes]) -> Candidate:
         if item["twin"] != twin:
             raise Rejected("item names another twin than its topic")
         token, owner = self.trust.write_token(item["token"], twin, item["device"], now)
@@ -447,16 +495,16 @@ class IngestPipeline:
                 raise Rejected(f"attribute {a!r} not allowed by the write token")
         if abs(float(item["time"]) - now) > 366 * 86400:
             raise Rejected("item time is implausible")
-        capsule = item.get("capsule")
         known = self.capsules.get(item["capsule_id"])
-        if known is not None and known[0] != twin:
-            raise Rejected("capsule belongs to another twin")
-        if capsule is None:
-            if known is None:
-                raise CapsuleNotYetKnown("unknown capsule (send the epoch's capsule first)")
+        if known is not None:
+            if known[0] != twin:
+                raise Rejected("capsule belongs to another twin")
             if known[1] != attrs:
                 raise Rejected("item attributes differ from its capsule's")
-        return Candidate(item, payload, owner, token.device_key, attrs, capsule)
+            return Candidate(item, payload, owner, token.device_key, attrs, None, True)
+        if item["capsule_id"] not in carried:
+            raise CapsuleNotYetKnown("unknown capsule (send the epoch's capsule first)")
+        return Candidate(item, payload, owner, token.device_key, attrs, item.get("capsule"), False)
 
     def _authentic(self, item: Envelope, now: float) -> bool:
         """Did the named device really send this? Only then may a refusal reach it — a

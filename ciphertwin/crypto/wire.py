@@ -3,7 +3,10 @@
 Every crypto object is a msgpack map ``{"t": <tag>, "v": 1, ...fields}`` with its keys sorted,
 so the same object always has the same bytes (ids and signatures are computed over them).
 Decoding checks size, tag, version, the exact field set and every field's type and length;
-anything else raises ``ValidationError`` — never an exception from msgpack or mcl.
+anything else raises ``ValidationError`` — never an exception from msgpack or mcl. It also
+accepts only the canonical bytes: ids and signatures are computed over re-encodings, so a
+re-encoded object (keys reordered, an integer or a string header widened) would otherwise
+pass as the same object under different bytes.
 """
 
 from __future__ import annotations
@@ -104,6 +107,9 @@ def decode(
         missing = sorted(expected - set(obj))
         extra = sorted(set(obj) - expected)
         raise ValidationError(f"{tag}: missing fields {missing}, unknown fields {extra}")
+    if canonical(obj) != data:
+        raise ValidationError(f"{tag}: not in canonical form (re-encoded: keys out of order, "
+                              "or a longer encoding than needed)")
     return Fields(tag, obj)
 
 
