@@ -141,12 +141,14 @@ async def test_hostile_envelopes_are_rejected_and_logged(endpoint, tmp_path: Pat
                 await dev_bus.publish(topic, payload)
             await dev_bus.publish(topic, first)  # exact replay: acknowledged, not stored again
             await dev_bus.publish(topic, item(good, 4))
-            for _ in range(100):
-                if cloud.ingest.stored >= 2 and cloud.ingest.rejected >= len(hostile):
+            for _ in range(100):  # the oversized one never reaches the ingest (see below)
+                if cloud.ingest.stored >= 2 and cloud.ingest.rejected >= len(hostile) - 1:
                     break
                 await asyncio.sleep(0.05)
         rejections = [e for e in logs if e["event"] == "ingest.rejected"]
+        dropped = [e for e in logs if e["event"] == "bus.oversize_dropped"]
         assert cloud.ingest.stored == 2
-        assert len(rejections) == len(hostile), [r["reason"] for r in rejections]
+        assert len(rejections) == len(hostile) - 1, [r["reason"] for r in rejections]
         assert all(r.get("reason") for r in rejections)
+        assert [e["size"] for e in dropped] == [len(hostile["oversized"])]  # before decoding
         assert [e.seq for e in await cloud.store.history("t1")] == [1, 4]

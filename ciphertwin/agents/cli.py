@@ -59,8 +59,8 @@ def _save_broker_login(home: Path, username: str, password: str) -> None:
 
 def _bus_for(args: argparse.Namespace, deployment: Deployment) -> BusClient:
     login = json.loads(read_private_file(_home(args) / BROKER_SECRET, 4096))
-    return BusClient.for_deployment(deployment, client_id=login["username"],
-                                    username=login["username"], password=login["password"])
+    return BusClient.for_deployment(deployment, username=login["username"],
+                                    password=login["password"])
 
 
 def _identity(args: argparse.Namespace) -> Identity:
@@ -234,7 +234,7 @@ async def _device_run(args: argparse.Namespace) -> int:
     config = load_enrolled_device(home)
     b = config.broker
     source = make_source(json.loads(args.source) if args.source else config.source)
-    async with BusClient(b.host, b.port, client_id=b.username, username=b.username,
+    async with BusClient(b.host, b.port, username=b.username,
                          password=b.password, prefix=b.prefix, tls_context=b.ssl_context()) as bus, \
             Outbox(home / "outbox.db") as outbox:
         expand = {}

@@ -21,7 +21,7 @@ from ciphertwin.agents.bundle import DeviceConfig
 from ciphertwin.agents.outbox import Outbox
 from ciphertwin.agents.sources import Reading, Source
 from ciphertwin.bus.client import BusClient
-from ciphertwin.bus.envelope import decode
+from ciphertwin.bus.envelope import decode, max_size_of
 from ciphertwin.crypto.epochs import DataKeyManager
 from ciphertwin.errors import CipherTwinError
 from ciphertwin.protocol.items import DeviceCredentials, build_item
@@ -120,7 +120,7 @@ class DeviceAgent:
     async def run(self, source: Source | None = None) -> None:
         """Subscribe to acks, send the outbox, and (if given) record the source's readings."""
         await self.bus.subscribe(self.bus.topics.ack(self.config.twin, self.config.device),
-                                 self._on_ack)
+                                 self._on_ack, max_payload=max_size_of("ack"))
         sender = asyncio.create_task(self._send(), name="device:send")
         producer = asyncio.create_task(self._produce(source), name="device:produce") \
             if source is not None else None

@@ -3,6 +3,12 @@
 Writes ``mosquitto.conf``, ``passwd`` (the same ``$7$`` hashes, no re-issuing) and ``acl``
 (``user``/``topic read|write|readwrite`` lines produced by :func:`acl_for`). After enrolling
 clients, emit again and send Mosquitto SIGHUP: it re-reads the password and ACL files.
+
+``max_packet_size`` is the embedded broker's limit (:mod:`ciphertwin.broker.limits`: the
+largest message kind plus header room); Mosquitto disconnects a client that sends a larger
+packet. Mosquitto cannot restrict client ids per user the way the embedded broker does
+(``client_id_allowed``); clients use unguessable ids (``<principal>@<random>``), so another
+principal cannot take one over.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ciphertwin.broker.acl import acl_for
+from ciphertwin.broker.limits import broker_max_packet
 from ciphertwin.bus.topics import Topics
 from ciphertwin.config.principals import Principal
 from ciphertwin.config.settings import Deployment
@@ -63,6 +70,8 @@ def render_conf(deployment: Deployment, directory: Path, *, port: int | None = N
         # busy cloud subscriber during ingest bursts.
         "max_queued_messages 100000",
         "max_inflight_messages 100",
+        # nothing larger than the largest message kind (plus MQTT header room) gets through
+        f"max_packet_size {broker_max_packet()}",
         "",
         f"listener {port if port is not None else b.port} {bind or b.bind}",
     ]

@@ -12,6 +12,22 @@ and one event-loop wake-up (a read buffer, :class:`_BufferedSocket`, serves a wh
 from one ``recv``), and aiomqtt's message iterator creates a task per message (messages are
 routed to the subscriptions straight from paho's callback instead, :class:`_Inbox`, with the
 matching subscriptions of each topic remembered).
+
+Everything that arrives is attacker-controlled (the broker and the cloud are not trusted), so
+memory stays bounded: a subscription may declare the largest payload it carries
+(``max_payload``, e.g. :func:`ciphertwin.bus.envelope.max_size_of` of its kinds) and larger
+messages are dropped, logged, before they are queued or decoded; and each subscription's
+queue holds at most ``queue_bytes`` (:class:`~ciphertwin.bus.budget.ByteBudget`), beyond
+which messages are dropped with a logged reason (senders that need every message resend
+until acknowledged end to end, as devices do).
+
+Client ids: every connection gets its own, ``<principal>@<96 random bits>``
+(:func:`unique_client_id`), unless the caller insists on one. Two processes of one principal
+under one id would make the broker drop (or, with amqtt, silently deafen) the older
+connection; the random suffix also keeps other principals from guessing, and so taking over,
+an id on brokers that cannot restrict ids per user (Mosquitto). A connection the broker drops
+is re-established at once and logged; one dropped again and again soon after connecting is
+logged as an error (another client with the same id, typically).
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ import asyncio
 import contextlib
 import functools
 import random
+import secrets
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -29,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 import structlog
 
+from ciphertwin.bus.budget import ByteBudget
 from ciphertwin.bus.errors import (
     BusAuthError,
     BusError,
@@ -51,6 +69,15 @@ _AUTH_REFUSED = {4, 5, 0x86, 0x87}  # 3.1.1 bad credentials / not authorised, an
 _SUBACK_FAILURE = 0x80
 _READ_CHUNK = 256 * 1024
 _ROUTES_LIMIT = 10_000
+_QUEUE_BYTES = 256 * 1024 * 1024
+_SHORT_LIVED = 10.0  # seconds: a connection dropped sooner counts towards "repeatedly kicked"
+_KICKS_BEFORE_ERROR = 3
+
+
+def unique_client_id(principal: str | None) -> str:
+    """``<principal>@<96 random bits>``: the broker's id rule
+    (:func:`ciphertwin.broker.acl.client_id_allowed`) admits it, no other process uses it."""
+    return f"{principal or 'anonymous'}@{secrets.token_hex(12)}"
 
 
 class _BufferedSocket:
@@ -126,7 +153,11 @@ class _Subscription:
     handler: Handler | None
     qos: int
     queue: asyncio.Queue[tuple[str, bytes, bool]]
+    budget: ByteBudget
+    max_payload: int | None = None
     workers: list[asyncio.Task[None]] = field(default_factory=list)
+    dropping: int = 0
+    """Messages dropped since the queue last had room (logged when it has room again)."""
 
 
 def _check_topic(topic: object) -> str:
@@ -161,7 +192,7 @@ class BusClient:
         host: str,
         port: int,
         *,
-        client_id: str,
+        client_id: str | None = None,
         username: str | None = None,
         password: str | None = None,
         prefix: str = DEFAULT_PREFIX,
@@ -174,9 +205,14 @@ class BusClient:
         backoff_max: float = 10.0,
         max_inflight: int = 200,
         queue_size: int = 10_000,
+        queue_bytes: int = _QUEUE_BYTES,
     ) -> None:
-        """``queue_size``: backlog of one subscription above which ``bus.backlog`` is logged
-        (messages are never dropped: QoS 1 has been acknowledged to the broker already)."""
+        """``client_id`` None (the default): :func:`unique_client_id` of ``username``.
+        ``queue_size``: backlog of one subscription above which ``bus.backlog`` is logged;
+        ``queue_bytes``: bytes one subscription's queue may hold, beyond which messages are
+        dropped and logged (``bus.queue_full``)."""
+        if client_id is None:
+            client_id = unique_client_id(username)
         if not isinstance(host, str) or not host:
             raise ValidationError(f"invalid broker host {host!r}")
         if not isinstance(port, int) or not 0 < port < 65536:
@@ -198,6 +234,7 @@ class BusClient:
         self._backoff = (backoff_initial, backoff_max)
         self._max_inflight = max_inflight
         self._queue_size = queue_size
+        self._queue_bytes = ByteBudget(queue_bytes).limit
         self._inflight = asyncio.Semaphore(max_inflight)
 
         self._subs: dict[str, _Subscription] = {}
@@ -216,12 +253,13 @@ class BusClient:
         cls,
         deployment: Deployment,
         *,
-        client_id: str,
+        client_id: str | None = None,
         username: str | None = None,
         password: str | None = None,
         **kwargs: Any,
     ) -> BusClient:
-        """A client for the deployment's broker (host, port, prefix, keepalive, TLS)."""
+        """A client for the deployment's broker (host, port, prefix, keepalive, TLS), with a
+        client id of its own unless one is given."""
         b = deployment.broker
         tls = None
         if b.tls.enabled:
@@ -282,13 +320,15 @@ class BusClient:
 
     # -- public operations --------------------------------------------------------------
     async def subscribe(
-        self, topic_filter: str, handler: Handler | None, qos: int = 1, *, concurrency: int = 1
+        self, topic_filter: str, handler: Handler | None, qos: int = 1, *, concurrency: int = 1,
+        max_payload: int | None = None,
     ) -> None:
         """Subscribe now and after every reconnect; raise SubscriptionDenied if refused.
 
         ``concurrency`` > 1 runs that many handler calls in parallel (message order is then
         no longer guaranteed for this subscription). ``handler=None`` subscribes only to feed
-        ``request()`` replies.
+        ``request()`` replies. ``max_payload``: larger messages are dropped (and logged)
+        before they are queued — give the largest size of the kinds the topic carries.
         """
         _check_filter(topic_filter)
         qos = _check_qos(qos)
@@ -296,7 +336,10 @@ class BusClient:
             raise BusError(f"already subscribed to {topic_filter!r}")
         if not 1 <= concurrency <= 64:
             raise ValidationError("concurrency must be within 1..64")
-        sub = _Subscription(topic_filter, handler, qos, asyncio.Queue())
+        if max_payload is not None and not 0 < max_payload <= self._queue_bytes:
+            raise ValidationError(f"max_payload must be within 1..{self._queue_bytes} bytes")
+        sub = _Subscription(topic_filter, handler, qos, asyncio.Queue(),
+                            ByteBudget(self._queue_bytes), max_payload)
         if handler is not None:
             sub.workers = [
                 asyncio.create_task(self._worker(sub), name=f"bus-handler:{topic_filter}")
@@ -451,8 +494,11 @@ class BusClient:
     async def _run(self) -> None:
         attempt = 0
         ever_connected = False
+        kicks = 0  # connections in a row the broker dropped soon after they were made
+        loop = asyncio.get_running_loop()
         while True:
             client = self._new_client()
+            since: float | None = None
             try:
                 async with client:
                     for sub in list(self._subs.values()):
@@ -462,6 +508,7 @@ class BusClient:
                             self._log.error("bus.resubscribe_denied", error=str(exc))
                     self._client = client
                     self._connected.set()
+                    since = loop.time()
                     attempt = 0
                     if ever_connected:
                         self.reconnects += 1
@@ -483,7 +530,7 @@ class BusClient:
                                          f"of {self.client_id!r}: {exc}")
                         )
                     return
-                self._log.warning("bus.connection_lost", error=str(exc), attempt=attempt)
+                kicks = self._connection_lost(exc, since, kicks, attempt)
             except Exception as exc:  # noqa: BLE001 - the supervisor must never die
                 self._log.error("bus.supervisor_error", error=f"{type(exc).__name__}: {exc}",
                                 exc_info=True)
@@ -492,6 +539,24 @@ class BusClient:
                 self._client = None
             await asyncio.sleep(self._backoff_delay(attempt))
             attempt += 1
+
+    def _connection_lost(self, exc: aiomqtt.MqttError, since: float | None, kicks: int,
+                         attempt: int) -> int:
+        """Log a dropped connection (reconnecting follows); return how many connections in a
+        row were dropped soon after they were made — a session taken over by another client
+        with this id, typically, which is an error: both keep losing messages."""
+        if since is None:  # not connected yet: the broker is unreachable
+            self._log.warning("bus.connection_lost", error=str(exc), attempt=attempt)
+            return kicks
+        lived = asyncio.get_running_loop().time() - since
+        kicks = kicks + 1 if lived < _SHORT_LIVED else 0
+        self._log.warning("bus.connection_lost", error=str(exc), connected_for=round(lived, 3),
+                          reconnecting=True)
+        if kicks >= _KICKS_BEFORE_ERROR:
+            self._log.error("bus.repeatedly_disconnected", kicks=kicks,
+                            reason="the broker keeps dropping this connection soon after it "
+                                   "is made: is another client using this client id?")
+        return kicks
 
     def _deliver(self, message: aiomqtt.Message) -> None:
         """Hand a message to its request waiter and to the queue of every matching
@@ -505,9 +570,27 @@ class BusClient:
             waiter.set_result(payload)
         entry = (topic, payload, bool(message.retain))
         for sub in self._route(message.topic):
-            sub.queue.put_nowait(entry)
-            if sub.queue.qsize() == self._queue_size:
-                self._log.warning("bus.backlog", filter=sub.filter, queued=self._queue_size)
+            if self._admit(sub, topic, len(payload)):
+                sub.queue.put_nowait(entry)
+                if sub.queue.qsize() == self._queue_size:
+                    self._log.warning("bus.backlog", filter=sub.filter, queued=self._queue_size)
+
+    def _admit(self, sub: _Subscription, topic: str, size: int) -> bool:
+        """Room for a message of ``size`` bytes in ``sub``'s queue? Else drop it, logged."""
+        if sub.max_payload is not None and size > sub.max_payload:
+            self._log.warning("bus.oversize_dropped", topic=topic, filter=sub.filter, size=size,
+                              limit=sub.max_payload)
+            return False
+        if not sub.budget.try_take(size):
+            if not sub.dropping:
+                self._log.warning("bus.queue_full", filter=sub.filter, queued_bytes=sub.budget.used,
+                                  limit=sub.budget.limit, reason="handler too slow: dropping")
+            sub.dropping += 1
+            return False
+        if sub.dropping:
+            self._log.warning("bus.queue_recovered", filter=sub.filter, dropped=sub.dropping)
+            sub.dropping = 0
+        return True
 
     def _route(self, topic: aiomqtt.Topic) -> tuple[_Subscription, ...]:
         """Subscriptions with a handler whose filter matches ``topic``; remembered per topic
@@ -537,6 +620,8 @@ class BusClient:
                     error=f"{type(exc).__name__}: {exc}",
                     exc_info=not isinstance(exc, ValidationError),
                 )
+            finally:
+                sub.budget.release(len(payload))
 
 
-__all__ = ["BusClient", "Handler"]
+__all__ = ["BusClient", "Handler", "unique_client_id"]

@@ -21,6 +21,10 @@ fields of a message kind and its size limit::
 Wire form: a msgpack map ``{"t": kind, "v": version, **fields}`` with sorted keys (in
 nested maps too), each value in msgpack's shortest encoding, floats as float64 — exactly
 what :func:`encode` produces.
+
+The kinds' size limits are also the only source of the size limits further out: the
+brokers' maximum packet size (:func:`max_packet_size`) and the bus client's per-subscription
+limits (:func:`max_size_of`), which drop an oversize message before it is queued or decoded.
 """
 
 from __future__ import annotations
@@ -323,6 +327,24 @@ def get_kind(name: str) -> Kind:
 
 def registered_kinds() -> list[str]:
     return sorted(_KINDS)
+
+
+MQTT_HEADER_ROOM = 4096
+"""Room for an MQTT PUBLISH's fixed header, topic and packet id around an envelope (topics of
+the bus layout stay far below it)."""
+
+
+def max_size_of(*kinds: str) -> int:
+    """The largest ``max_size`` among ``kinds``: what a subscription carrying only them may
+    refuse above, before decoding anything."""
+    return max(get_kind(k).max_size for k in kinds)
+
+
+def max_packet_size() -> int:
+    """The largest MQTT packet a broker must let through: the largest registered kind plus
+    header room. Both brokers' limits come from here (import every kind first, e.g.
+    ``ciphertwin.protocol.jobs``), so raising a kind's size raises them too."""
+    return max_size_of(*_KINDS) + MQTT_HEADER_ROOM
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,8 +45,7 @@ async def _run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    bus = BusClient.for_deployment(deployment, client_id=args.name, username=args.name,
-                                   password=password)
+    bus = BusClient.for_deployment(deployment, username=args.name, password=password)
     store = open_store(deployment.storage)
     async with bus, CloudTwin(bus, store, pool=ReencryptionPool(args.workers or None),
                               operator=operator):

@@ -1,6 +1,7 @@
 """Ingest: check data items, store them in batches, acknowledge only what is committed.
 
-Items arrive one per MQTT message; they are queued and taken in batches (whatever queued
+Items arrive one per MQTT message; they are queued (at most ``queue_size`` items and
+``queue_bytes`` bytes: a full queue makes ``submit`` wait) and taken in batches (whatever queued
 up while the previous batch was busy, up to ``max_batch``), so one SQLite commit and one
 pool call cover many items. Per batch: schema and binding checks on the event loop (cheap,
 they read the trust registry), signatures and new capsules on the process pool (only the raw
@@ -43,6 +44,7 @@ from typing import Any
 
 import structlog
 
+from ciphertwin.bus.budget import ByteBudget
 from ciphertwin.bus.envelope import Envelope, encode, unpack_checked
 from ciphertwin.cloud_twin.store import Outcome, StoredEnvelope, TwinStore
 from ciphertwin.cloud_twin.trust import Owner, Rejected, TrustRegistry
@@ -265,6 +267,7 @@ class IngestPipeline:
         *,
         max_batch: int = 1000,
         queue_size: int = 50_000,
+        queue_bytes: int = 128 * 1024 * 1024,
         executor: Executor | None = None,
         finish_backlog: int = 4,
     ) -> None:
@@ -273,6 +276,7 @@ class IngestPipeline:
         self._publish_ack = publish_ack
         self._on_stored = on_stored
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(queue_size)
+        self._queued = ByteBudget(queue_bytes)
         self._committed: asyncio.Queue[BatchResult] = asyncio.Queue(finish_backlog)
         self.max_batch = max_batch
         self._executor = executor
@@ -280,7 +284,14 @@ class IngestPipeline:
         self.rejected = 0
 
     async def submit(self, twin: str, payload: bytes) -> None:
-        await self._queue.put((twin, payload))
+        """Queue one item; wait while the queue is full — by count or by bytes (backpressure
+        reaches the bus client, whose own queue is byte-bounded too)."""
+        await self._queued.take(len(payload))
+        try:
+            await self._queue.put((twin, payload))
+        except BaseException:
+            self._queued.release(len(payload))
+            raise
 
     async def run(self) -> None:
         """Forever: the three stages (see the module docstring), joined by short queues.
@@ -324,6 +335,7 @@ class IngestPipeline:
                 batch.append(self._queue.get_nowait())
             except asyncio.QueueEmpty:
                 break
+        self._queued.release(sum(len(payload) for _, payload in batch))
         return batch
 
     async def _finish_forever(self) -> None:

@@ -4,6 +4,7 @@ It holds ciphertexts, public keys, tokens and re-encryption keys — never a pla
 secret key. Subscriptions:
 
 * ``twins/+/data``   → ingest (check, store, ack) → live fan-out to the owner and grantees;
+  a payload larger than an item may be is dropped by the bus client before it is queued;
 * ``control/+``      → owner registration, grants and revocations (signed by the owner);
 * ``queries/+``      → history, answered on ``replies/{asker}/{request_id}``, each item with
   the key material the asker can open (its own capsule for the owner, a re-encrypted capsule
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import structlog
 
 from ciphertwin.bus.client import BusClient
-from ciphertwin.bus.envelope import Envelope, decode, encode
+from ciphertwin.bus.envelope import Envelope, decode, encode, max_size_of
 from ciphertwin.bus.topics import Topics
 from ciphertwin.cloud_twin.grants import ActiveGrant, GrantBook
 from ciphertwin.cloud_twin.ingest import AcceptedItem, IngestPipeline
@@ -76,9 +77,13 @@ class CloudTwin:
         await self.grants.load()
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="cloud:ingest"))
         t = self.topics
-        await self.bus.subscribe(t.filter("twin_data"), self._on_data)
-        await self.bus.subscribe(t.filter("control"), self._on_control)
-        await self.bus.subscribe(t.filter("query"), self._on_query, concurrency=4)
+        # each topic's kinds bound its payloads: larger ones are dropped before queueing
+        await self.bus.subscribe(t.filter("twin_data"), self._on_data,
+                                 max_payload=max_size_of("item"))
+        await self.bus.subscribe(t.filter("control"), self._on_control,
+                                 max_payload=max_size_of(*CONTROL_KINDS, "process_token"))
+        await self.bus.subscribe(t.filter("query"), self._on_query, concurrency=4,
+                                 max_payload=max_size_of("history_query"))
         await self.jobs.start()
         log.info("cloud.started", owners=len(self.trust.owners))
         return self

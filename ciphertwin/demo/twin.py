@@ -27,7 +27,7 @@ from ciphertwin.agents.owner import OwnerAgent
 from ciphertwin.agents.reader import TwinReader
 from ciphertwin.agents.sources import SimulatedSensor
 from ciphertwin.broker.embedded import EmbeddedBroker, free_port
-from ciphertwin.bus.client import BusClient
+from ciphertwin.bus.client import BusClient, unique_client_id
 from ciphertwin.cloud_twin.reencryption import ReencryptionPool
 from ciphertwin.cloud_twin.service import CloudTwin
 from ciphertwin.cloud_twin.store import SqliteTwinStore
@@ -81,8 +81,8 @@ class Sandbox:
 
     def bus(self, name: str) -> BusClient:
         if self.external:
-            return BusClient.for_deployment(self.deployment, client_id=f"{name}-{id(self)}")
-        return BusClient.for_deployment(self.deployment, client_id=name, username=name,
+            return BusClient.for_deployment(self.deployment, client_id=unique_client_id(name))
+        return BusClient.for_deployment(self.deployment, username=name,
                                         password=self.passwords[name])
 
     def broker(self) -> contextlib.AbstractAsyncContextManager[object]:
