@@ -3,23 +3,27 @@
 For every (item, re-encrypted capsule) the node receives, in this order:
 
 * the item's write token must be issued by the owner key the job names for the twin (so the
-  cloud cannot slip in items signed by a device key of its own), valid at the item's time;
+  cloud cannot slip in items signed by a device key of its own), name the item's twin and
+  device, and be valid at the item's time;
+* the device's signature over the whole envelope (``protocol.items.verify_item_signature``,
+  under the write token's device key) must verify: it covers the time (which orders the
+  points), the attributes, the capsule id and the sealed ciphertext, so the cloud can neither
+  forge an input nor alter a genuine one. AES-GCM alone would not do: anyone — the cloud
+  included — can encapsulate a fresh capsule under the owner's *public* PRE key, re-encrypt
+  it with the node's stored re-key and seal any reading under a data key it then knows;
 * the item's attributes must carry ``share:i`` for this node's index and satisfy the owner's
   process-token selector — node i never opens another share index, whatever a grant says;
 * the capsule is decapsulated with the node's PRE key (once per capsule: one per key epoch);
-* the sealed reading is decrypted (AAD binds twin, device, seq and attributes); with
-  ``check_signatures`` the device's signature on the plaintext is checked as well;
+* the sealed reading is decrypted (AAD binds twin, device, seq and attributes) — the
+  ciphertext is the device's (signed), so the plaintext is too;
 * the reading must say ``share: i`` and hold every needed field as a ring element.
 
 Items are opened grouped by what they share: the write token, the attribute-set checks and
 the data key are worked out once per distinct token, attribute set and re-capsule (memoised
 for the batch, and across batches by digest of the exact bytes), so the per-item work is the
-envelope check, AES-GCM and the value checks. Results come back as columns (numpy arrays),
-which are cheap to pickle out of the worker and to arrange.
-
-The outer envelope signature is not checked: AES-GCM under a data key that only the device,
-the owner and grantees of ``share:i`` items hold already binds everything a node relies on;
-the argument, and when to turn ``check_signatures`` on, is in docs/processing.md.
+envelope check, one Ed25519 verification, AES-GCM and the value checks. Results come back as
+columns (numpy arrays), which are cheap to pickle out of the worker and to arrange.
+See docs/processing.md ("Authenticity of node inputs").
 """
 
 
@@ -41,11 +45,11 @@ from ciphertwin.crypto.signing import VerifyKey
 from ciphertwin.crypto.tokens import WriteToken, verify_write_token
 from ciphertwin.errors import ValidationError
 from ciphertwin.protocol.items import (
-    ITEM_DATA_CONTEXT,
     decode_inner,
     decode_item,
     item_aad,
     key_from_recapsule,
+    verify_item_signature,
 )
 
 _RING = 1 << 64
@@ -98,25 +102,25 @@ class _Opener:
     """Opens one batch for node ``index``; memoises per token, attribute set and re-capsule."""
 
     def __init__(self, pre: PreKeyPair, index: int, owner_of: Mapping[str, bytes],
-                 selectors: Mapping[bytes, str], fields: Sequence[str],
-                 check_signatures: bool) -> None:
+                 selectors: Mapping[bytes, str], fields: Sequence[str]) -> None:
         self.pre, self.pre_id, self.index = pre, pre.key_id, index
-        self.owner_of, self.fields, self.check_signatures = owner_of, tuple(fields), check_signatures
+        self.owner_of, self.fields = owner_of, tuple(fields)
         self.policies = {owner: Policy.parse(text) for owner, text in selectors.items()}
         self.share_attr = f"share:{index}"
         self._tokens: dict[tuple[bytes, bytes], tuple[bytes, WriteToken]] = {}
         self._attrs: dict[tuple[bytes, tuple[str, ...]], str | None] = {}
         self._keys: dict[bytes, tuple[bytes, bytes]] = {}
 
-    def token(self, owner: bytes, raw: bytes, twin: str) -> tuple[bytes, WriteToken]:
-        """(cache digest, verified write token) — verified once per owner and token bytes."""
+    def token(self, owner: bytes, raw: bytes) -> tuple[bytes, WriteToken]:
+        """(cache digest, write token signed by ``owner``) — the signature is checked once per
+        owner and token bytes; twin, device and time are checked per item (``open``)."""
         got = self._tokens.get((owner, raw))
         if got is None:
             tkey = hashlib.sha256(owner + raw).digest()
             token = _TOKENS.get(tkey)
             if token is None:
                 token = WriteToken.from_bytes(raw)
-                verify_write_token(token, VerifyKey(owner), twin=twin, now=token.not_before)
+                verify_write_token(token, VerifyKey(owner), now=token.not_before)
                 _remember(_TOKENS, tkey, token)
             got = self._tokens[(owner, raw)] = (tkey, token)
         return got
@@ -157,9 +161,10 @@ class _Opener:
         owner = self.owner_of.get(twin)
         if owner is None:
             raise ValidationError("twin is not part of this job")
-        tkey, token = self.token(owner, item["token"], twin)
+        tkey, token = self.token(owner, item["token"])
         if token.twin != twin or token.device != device:
             raise ValidationError("write token names another twin or device")
+        verify_item_signature(item.body, token.device_key)  # every field below is the device's
         when = float(item["time"])
         if not token.not_before - 300 <= when < token.not_after + 300:
             raise ValidationError("item time is outside its write token's validity")
@@ -174,26 +179,16 @@ class _Opener:
         if sealed.capsule_id != cid:
             raise ValidationError("sealed item names another capsule")
         inner = decode_inner(open_sealed(sealed, key, item_aad(twin, device, seq, attr_list)))
-        reading = inner["reading"]
-        if self.check_signatures:
-            token.device_key.verify_object(
-                ITEM_DATA_CONTEXT,
-                {"twin": twin, "device": device, "seq": seq, "reading": reading},
-                inner["sig"])
-        return twin, device, seq, when, _values(reading, self.index, self.fields)
+        return twin, device, seq, when, _values(inner["reading"], self.index, self.fields)
 
 
 def open_share_batch(pre_bytes: bytes, index: int, owner_of: Mapping[str, bytes],
                      selectors: Mapping[bytes, str], fields: Sequence[str],
-                     entries: Sequence[Mapping[str, bytes]], *,
-                     check_signatures: bool = True) -> OpenedColumns | str:
+                     entries: Sequence[Mapping[str, bytes]]) -> OpenedColumns | str:
     """Open ``entries`` ({item, key}) for node ``index``; a string is the refusal reason.
 
-    ``check_signatures=False`` skips the device's Ed25519 signature on each plaintext; see
-    docs/processing.md ("Authenticity of node inputs") for what that does and does not give up.
-    """
-    opener = _Opener(PreKeyPair.from_bytes(pre_bytes), index, owner_of, selectors, fields,
-                     check_signatures)
+    Every item's device signature is checked: there is no switch to skip it."""
+    opener = _Opener(PreKeyPair.from_bytes(pre_bytes), index, owner_of, selectors, fields)
     twins: list[str] = []
     devices: list[str] = []
     seqs: list[int] = []
