@@ -237,3 +237,22 @@ async def test_forged_or_unsigned_revocation_is_ignored() -> None:
         assert status["state"] == "done", status["reason"]
         assert result is not None
 
+
+
+def test_owner_cannot_publish_revocations_under_another_owners_name() -> None:
+    """The revocation topic is declared with its ACL: owner X publishes only under
+    ``revocations/X/…``; nodes read every owner's; devices and receivers publish none."""
+    from ciphertwin.broker.acl import acl_for
+    from ciphertwin.bus.topics import Topics
+    from ciphertwin.config import Principal
+
+    t, h = Topics(), "$7$1000$" + "c2FsdHNhbHRzYWx0" + "$" + "A" * 86 + "=="
+    clients = {c.id: c for c in [Principal("alice", "owner", h), Principal("bob", "owner", h),
+                                 Principal("n0", "node", h), Principal("rec", "receiver", h),
+                                 Principal("d1", "device", h, twin="t1", owner="alice")]}
+    acl = {cid: acl_for(c, clients, t) for cid, c in clients.items()}
+    tid = os.urandom(16).hex()
+    assert acl["alice"].may_publish(t.token_revoked("alice", tid))
+    assert not acl["alice"].may_publish(t.token_revoked("bob", tid))
+    assert not any(acl[c].may_publish(t.token_revoked("alice", tid)) for c in ("n0", "rec", "d1"))
+    assert acl["n0"].may_subscribe(t.filter("token_revoked"))
