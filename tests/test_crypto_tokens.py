@@ -135,7 +135,8 @@ def test_write_token_issuance_validates_input() -> None:
 
 
 def _process_token(**kw) -> ProcessToken:
-    args = dict(limits={"max_users": 100, "max_jobs": 5}, not_before=NOW, valid_for_s=86400)
+    args = dict(limits={"max_users": 100, "max_jobs": 5}, not_before=NOW, valid_for_s=86400,
+                twins=["t1", "t2"])
     args.update(kw)
     return issue_process_token(
         OWNER, "type:location AND (day:2026-11-21 OR day:2026-11-22)",
@@ -147,6 +148,7 @@ def test_process_token_round_trip_and_accept() -> None:
     token = ProcessToken.from_bytes(_process_token().to_bytes())
     assert token.policy.allows({"type:location", "day:2026-11-22"})
     assert token.limits == {"max_users": 100, "max_jobs": 5}
+    assert token.twins == ("t1", "t2")
     verify_process_token(token, OWNER.verify_key, function_class="contact-tracing",
                          receiver=RECEIVER, roster=roster_digest(NODES), node_key=NODES[2],
                          now=NOW + 1)
@@ -176,6 +178,7 @@ def test_forged_process_token_is_rejected() -> None:
         dataclasses.replace(token, selector="type:location"),
         dataclasses.replace(token, receivers=(b"\x02" * 32,)),
         dataclasses.replace(token, limits={"max_users": 10**6, "max_jobs": 5}),
+        dataclasses.replace(token, twins=("t1", "t2", "t3")),  # the twin scope is signed too
     ):
         with pytest.raises(TokenRejected, match="bad-signature"):
             verify_process_token(forged, OWNER.verify_key, now=NOW + 1)
@@ -194,9 +197,12 @@ def test_process_token_issuance_validates_input() -> None:
     with pytest.raises(ValidationError):
         _process_token(limits={"max_users": -1})
     with pytest.raises(ValidationError):
-        issue_process_token(OWNER, "a AND", ["f"], [RECEIVER], NODES, valid_for_s=60)
+        issue_process_token(OWNER, "a AND", ["f"], [RECEIVER], NODES, twins=["t"],
+                            valid_for_s=60)
     with pytest.raises(ValidationError):
-        issue_process_token(OWNER, "a", ["f"], [], NODES, valid_for_s=60)
+        issue_process_token(OWNER, "a", ["f"], [], NODES, twins=["t"], valid_for_s=60)
+    with pytest.raises(ValidationError):  # a token without a twin scope
+        issue_process_token(OWNER, "a", ["f"], [RECEIVER], NODES, twins=[], valid_for_s=60)
 
 
 @settings(max_examples=100, deadline=None)

@@ -56,7 +56,7 @@ SAMPLES = {
     X25519KeyPair: X25519KeyPair.generate(),
     WriteToken: issue_write_token(SIGNER, "t", SIGNER.verify_key, ["a"], valid_for_s=60),
     ProcessToken: issue_process_token(SIGNER, "a", ["f"], [b"r"], [b"n0", b"n1", b"n2"],
-                                      valid_for_s=60),
+                                      twins=["t"], valid_for_s=60),
 }
 CLASSES = list(SAMPLES)
 

@@ -154,7 +154,7 @@ async def test_forged_token_is_refused() -> None:
         phone = next(iter(w.phones.values()))
         forged = issue_process_token(mallory, "type:location", ["proximity"],
                                      [w.receiver_key.public_bytes], w.roster.node_keys,
-                                     valid_for_s=600)
+                                     twins=[phone.user], valid_for_s=600)
         spec = encode("job_spec", {
             "job": "forged-2", "function": "contact_tracing", "params": pack_params({"radius": 80}),
             "receiver": "health", "receiver_key": w.receiver_key.public_bytes,

@@ -1,5 +1,5 @@
-"""Node-side opening of share items: what is accepted, what is refused, and what the
-signature switch (docs/processing.md, "Authenticity of node inputs") changes."""
+"""Node-side opening of share items: what is accepted and what is refused (docs/processing.md,
+"Authenticity of node inputs"); the cloud's forgeries are in test_security_process_tokens.py."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ class Setup:
         self.capsule = Capsule.from_bytes(decode_item(self.items[0])["capsule"])
         self.recapsule = reencrypt(self.rk, self.capsule).to_bytes()
 
-    def open(self, item: bytes, check: bool) -> object:
+    def open(self, item: bytes) -> object:
         return open_share_batch(
             self.node.to_bytes(), 0, {"u1": self.owner_sig.verify_key.raw},
             {self.owner_sig.verify_key.raw: "type:location"}, ["x", "y"],
-            [{"item": item, "key": self.recapsule}], check_signatures=check)
+            [{"item": item, "key": self.recapsule}])
 
     def resealed(self, reading: dict) -> bytes:
         """An item share 0 re-sealed under the epoch key by someone who holds it (the owner
@@ -59,21 +59,19 @@ class Setup:
 
 def test_node_opens_its_share_and_refuses_others() -> None:
     s = Setup()
-    for check in (True, False):
-        opened = s.open(s.items[0], check)
-        assert isinstance(opened, OpenedColumns) and len(opened) == 1, opened
+    opened = s.open(s.items[0])
+    assert isinstance(opened, OpenedColumns) and len(opened) == 1, opened
     # share 1 is not node 0's, whatever key material comes with it
-    assert isinstance(s.open(s.items[1], True), str)
+    assert isinstance(s.open(s.items[1]), str)
 
 
-def test_tampered_ciphertext_is_refused_with_or_without_signature_checks() -> None:
+def test_tampered_ciphertext_is_refused() -> None:
     s = Setup()
     body = dict(decode_item(s.items[0]).body)
     sealed = SealedItem.from_bytes(body["sealed"])
     flipped = bytes([sealed.ciphertext[0] ^ 1]) + sealed.ciphertext[1:]
     body["sealed"] = SealedItem(sealed.capsule_id, sealed.nonce, flipped).to_bytes()
-    for check in (True, False):
-        assert isinstance(s.open(encode("item", body), check), str)
+    assert isinstance(s.open(encode("item", body)), str)
 
 
 def test_signature_check_catches_a_key_holder_resealing_inputs() -> None:
@@ -81,14 +79,8 @@ def test_signature_check_catches_a_key_holder_resealing_inputs() -> None:
     forged = dict(decode_item(s.items[0]).body)
     reading = {"type": "location", "time": forged["time"], "share": 0,
                "frac": {"x": 16, "y": 16}, "values": {"x": 7, "y": 7}}
-    item = s.resealed(reading)
-    refused = s.open(item, True)
+    refused = s.open(s.resealed(reading))
     assert isinstance(refused, str) and "Signature" in refused
-    # the documented trade-off: without the check only AES-GCM protects, and a holder of the
-    # epoch key (never the cloud alone) can alter the input
-    accepted = s.open(item, False)
-    assert isinstance(accepted, OpenedColumns)
-    assert {f: int(v[0]) for f, v in accepted.values.items()} == {"x": 7, "y": 7}
 
 
 @settings(max_examples=200, deadline=None)

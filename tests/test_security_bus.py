@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from ciphertwin.agents.identity import Identity
 from ciphertwin.broker.acl import client_id_allowed
 from ciphertwin.broker.embedded import EmbeddedBroker
 from ciphertwin.broker.limits import broker_max_packet
@@ -333,12 +334,15 @@ async def _cloud_process(config: Path, password: str) -> AsyncIterator[list[str]
 async def test_two_cloud_processes_both_stay_connected_and_both_receive(
         deployment: Deployment, tmp_path: Path) -> None:
     config = tmp_path / "deployment.toml"
+    operator_key = tmp_path / "operator.key"  # the cloud needs a pinned operator key
+    operator_key.write_bytes(Identity.generate("operator", "operator").public.to_bytes())
     async with EmbeddedBroker(deployment, port=0) as b:
         config.write_text(
             f'[broker]\nhost = "127.0.0.1"\nport = {b.port}\nmode = "embedded"\n'
             f'[storage]\nbackend = "sqlite"\nsqlite_path = "{tmp_path / "cloud.sqlite"}"\n'
             f'[principals]\ncredentials_file = '
-            f'"{deployment.principals.credentials_file}"\n')
+            f'"{deployment.principals.credentials_file}"\n'
+            f'[processing]\noperator_key = "{operator_key}"\n')
         running = Running("amqtt", b.host, b.port, deployment, lambda: None)
         async with _cloud_process(config, pw("cloud")) as first, \
                 _cloud_process(config, pw("cloud")) as second, running.client("d1") as d1:

@@ -4,9 +4,13 @@
   :class:`RosterHistory` (pinned operator key, versions, share indices).
 * :func:`grant_processing` (owner): for node i a re-encryption key with policy
   ``share:i AND (<subset>)`` installed through the ordinary ``grant`` control message, then
-  an owner-signed process token (subset, function classes, receiver keys, node roster,
+  an owner-signed process token (twins, subset, function classes, receiver keys, node roster,
   validity, limits) handed to the cloud on ``control/{owner}``. It refuses to give share i to
   a node (id, signing or PRE key) it once gave share j ≠ i (its :class:`ShareIndexBook`).
+* :func:`revoke_processing` (owner): withdraws a process token — a signed
+  ``process_token_revoke`` retained on ``revocations/{owner}/{token id}`` (the nodes follow
+  it, whatever the cloud does) and sent to the cloud, which deletes the token; then the
+  token's node grants are revoked.
 * :class:`ResultReceiver` (receiver): collects the three sealed output shares of a job from
   ``receivers/{me}/results/{job}``, checks each node's signature against the roster its
   :class:`RosterHistory` (pinned operator key) accepted, opens them with its X25519 key,
@@ -98,21 +102,55 @@ async def grant_processing(
     subset_policy = Policy.parse(subset)
     granted.record(roster)
     token = issue_process_token(owner_sig, subset_policy, function_classes, receiver_keys,
-                                roster.node_keys, limits=limits, valid_for_s=valid_for_s)
+                                roster.node_keys, twins=twins, limits=limits,
+                                valid_for_s=valid_for_s)
     tag = token.token_id.hex()[:12]
     for i, node in enumerate(roster.node_ids):
         policy = f"share:{i} AND ({subset_policy})"
         rk = rekey(owner_pre, policy, roster.pre_keys[i])
-        grant_id = f"proc-{tag}-{i}"
+        grant_id = _node_grant_id(token.token_id, i)
         await _control(bus, owner, owner_sig, "grant", {
             "grant_id": grant_id, "receiver": node, "twins": list(twins),
             "policy": str(rk.policy), "rekey": rk.to_bytes()}, grant_id, timeout)
         await asyncio.sleep(0.002)  # control times must strictly increase
     await _control(bus, owner, owner_sig, "process_token", {
-        "request_id": f"ptok-{tag}", "token": token.to_bytes(), "twins": list(twins)},
-        f"ptok-{tag}", timeout)
-    log.info("processing.granted", owner=owner, twins=len(twins), token=tag)
+        "request_id": f"ptok-{tag}", "token": token.to_bytes()}, f"ptok-{tag}", timeout)
+    log.info("processing.granted", owner=owner, twins=len(twins), token=token.token_id.hex())
     return token
+
+
+def _node_grant_id(token_id: bytes, index: int) -> str:
+    return f"proc-{token_id.hex()[:12]}-{index}"
+
+
+async def revoke_processing(bus: BusClient, owner: str, owner_sig: SigningKey, token_id: bytes,
+                            *, timeout: float = 15.0) -> None:
+    """Withdraw process token ``token_id``: nodes refuse jobs with it from now on.
+
+    The signed revocation goes retained to the nodes first (they must not depend on the
+    cloud forwarding it), then to the cloud; the token's node grants are revoked last (best
+    effort: they may already be gone)."""
+    if len(token_id) != 16:
+        raise ValidationError("a process token id is 16 bytes (32 hex digits)")
+    tag = token_id.hex()
+    payload = build_control("process_token_revoke", owner_sig, {
+        "owner": owner, "owner_key": owner_sig.verify_key.raw, "request_id": f"prev-{tag[:12]}",
+        "token_id": token_id})
+    await bus.publish(bus.topics.token_revoked(owner, tag), payload, retain=True)
+    reply = await bus.request(bus.topics.control(owner), payload,
+                              bus.topics.replies(owner, f"prev-{tag[:12]}"), timeout=timeout)
+    result = decode(reply, "control_result")
+    if not result["ok"]:
+        raise ControlRefused(f"revocation of token {tag} refused by the cloud: {result['reason']}")
+    for i in range(3):
+        await asyncio.sleep(0.002)  # control times must strictly increase
+        try:
+            await _control(bus, owner, owner_sig, "revoke",
+                           {"grant_id": _node_grant_id(token_id, i)}, _node_grant_id(token_id, i),
+                           timeout)
+        except ControlRefused as exc:
+            log.info("processing.grant_already_gone", reason=str(exc))
+    log.info("processing.revoked", owner=owner, token=tag)
 
 
 # --- jobs -----------------------------------------------------------------------------------

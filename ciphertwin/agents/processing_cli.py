@@ -1,9 +1,10 @@
-"""CLI for processing: ``owner grant-processing``, ``job submit … --wait``, ``receiver results``.
+"""CLI for processing: ``owner grant-processing`` / ``revoke-processing``, ``job submit … --wait``,
+``receiver results``.
 
 Wiring (the top-level parsers ``owner`` and ``receiver`` belong to ``agents.cli``)::
 
     register(subparsers)            # adds `job submit`
-    add_owner_commands(owner_sub)   # adds `owner grant-processing`
+    add_owner_commands(owner_sub)   # adds `owner grant-processing`, `owner revoke-processing`
     add_receiver_commands(recv_sub) # adds `receiver results`
 """
 
@@ -63,8 +64,23 @@ async def _grant_processing(args: argparse.Namespace) -> int:
             function_classes=args.functions.split(","), receiver_keys=receivers,
             valid_for_s=int(args.days * 86400), limits=_limits(args.limit) | _budget(args))
     print(f"processing permitted: nodes {', '.join(roster.node_ids)} get share i of "
-          f"{args.twins} where {args.subset!r}; token {token.token_id.hex()[:12]} for "
-          f"{', '.join(token.function_classes)} until {token.not_after}")
+          f"{args.twins} where {args.subset!r} for {', '.join(token.function_classes)} "
+          f"until {token.not_after}\ntoken id {token.token_id.hex()} "
+          f"(withdraw with: owner revoke-processing --token-id {token.token_id.hex()})")
+    return 0
+
+
+async def _revoke_processing(args: argparse.Namespace) -> int:
+    from ciphertwin.agents.processing import revoke_processing
+
+    try:
+        token_id = bytes.fromhex(args.token_id)
+    except ValueError:
+        raise ValidationError(f"--token-id wants 32 hex digits, got {args.token_id!r}") from None
+    me = _identity(args)
+    async with _bus_for(args, load_deployment(args.config)) as bus:
+        await revoke_processing(bus, me.name, me.signing, token_id)
+    print(f"process token {token_id.hex()} revoked: nodes refuse jobs with it")
     return 0
 
 
@@ -153,12 +169,17 @@ def add_owner_commands(osub: Any) -> None:
                    help="public.key of an authorised receiver (repeat)")
     add_operator_key_option(p)
     p.add_argument("--days", type=float, default=1.0, help="token validity")
-    p.add_argument("--limit", action="append", help="max_items=N, min_twins=N, max_points=N")
+    p.add_argument("--limit", action="append",
+                   help="max_items=N, min_owners=N (other owners in a job), max_points=N")
     p.add_argument("--max-jobs", type=int, help="jobs the nodes accept per window with this "
                    "token (default 20; bounds differencing across overlapping jobs)")
     p.add_argument("--job-window", type=float, help="budget window in hours (default 24; 0: "
                    "the token's whole validity)")
     p.set_defaults(func=_grant_processing)
+    p = osub.add_parser("revoke-processing", help="withdraw a process token (nodes refuse it)")
+    _common(p)
+    p.add_argument("--token-id", required=True, help="the id grant-processing printed (hex)")
+    p.set_defaults(func=_revoke_processing)
 
 
 def add_receiver_commands(rsub: Any) -> None:

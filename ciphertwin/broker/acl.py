@@ -65,7 +65,8 @@ def acl_for(principal: Principal, clients: Registry, topics: Topics) -> Acl:
             pub = [t.twin_data(twin), t.reported(twin), t.query(me)]
             sub = [t.ack(twin, me), t.desired(twin), t.inbox(me), t.filter("replies", principal=me)]
         case Role.OWNER:
-            pub = [t.control(me), t.job_submit(), t.query(me)]
+            pub = [t.control(me), t.job_submit(), t.query(me),
+                   t.filter("token_revoked", owner=me)]
             sub = [
                 t.filter("stream", receiver=me),
                 t.filter("replies", principal=me),
@@ -97,6 +98,7 @@ def acl_for(principal: Principal, clients: Registry, topics: Topics) -> Acl:
                 t.filter("node_inputs", node=me),
                 t.filter("mpc", to=me),
                 t.config_nodes(),
+                t.filter("token_revoked"),
                 t.filter("job_status"),
                 t.filter("replies", principal=me),
             ]

@@ -36,6 +36,7 @@ TEMPLATES: MappingProxyType[str, str] = MappingProxyType(
         "mpc": "mpc/{job}/{frm}/{to}",
         "results": "receivers/{receiver}/results/{job}",
         "config_nodes": "config/nodes",
+        "token_revoked": "revocations/{owner}/{token}",
         "query": "queries/{principal}",
         "replies": "replies/{principal}/{request_id}",
     }
@@ -196,6 +197,10 @@ class Topics:
 
     def config_nodes(self) -> str:
         return self.build("config_nodes")
+
+    def token_revoked(self, owner: str, token: str) -> str:
+        """Retained, owner-signed revocation of process token ``token`` (hex id), for nodes."""
+        return self.build("token_revoked", owner=owner, token=token)
 
     def query(self, principal: str) -> str:
         """Where ``principal`` sends request/response queries to the cloud (e.g. history)."""

@@ -5,8 +5,9 @@ The cloud never opens anything here. For a job it:
 0. follows the node roster through a ``RosterHistory`` pinned to the operator key; without
    an operator key it follows none (so runs no job): the cloud must not pick the nodes;
 1. checks the request (function and parameters, roster known, each owner registered, owns
-   the twin, and holds a stored process token admitting the function class, the receiver key
-   and the current roster — the nodes check all of it again, the cloud only avoids useless work);
+   the twin, and holds a stored, unrevoked process token admitting the function class, the
+   receiver key, the current roster and (in its signed body) every requested twin — the nodes
+   check all of it again, the cloud only avoids useless work);
 2. plans from one grouped query (per twin, capsule and attribute set: count and size) which
    items each node i gets — those node i's grants admit (policy ``share:i AND <subset>``, so
    only share-i items pass), matched once per group — and fixes counts and batches;
@@ -148,26 +149,38 @@ class JobManager:
 
     # -- process tokens (control/{owner}, verified by the service first) -----------------
     async def accept_token(self, owner: str, env: Envelope) -> None:
-        """Store an owner's process token after checking it is really theirs."""
+        """Store an owner's process token after checking it is really theirs (and not revoked)."""
         known = self.cloud.trust.owners[owner]
         try:
             token = ProcessToken.from_bytes(env["token"])
             verify_process_token(token, known.verify_key, leeway_s=60)
         except (ValidationError, TokenRejected) as exc:
             raise Rejected(f"process token refused: {exc}") from None
-        value = wire.canonical({"token": env["token"], "twins": list(env["twins"])})
-        await self.cloud.store.put_kv(TOKENS_NS, f"{owner}/{token.token_id.hex()}", value)
+        key = f"{owner}/{token.token_id.hex()}"
+        stored = await self.cloud.store.get_kv(TOKENS_NS, key)
+        if stored is not None and "revoked" in _unpack(stored):
+            raise Rejected("process token refused: it was revoked")
+        await self.cloud.store.put_kv(TOKENS_NS, key, wire.canonical({"token": env["token"]}))
 
-    async def _tokens_by_owner(self, owners: set[str]
-                               ) -> dict[str, list[tuple[ProcessToken, tuple[str, ...]]]]:
-        """Stored tokens of ``owners``, read in one pass (linear in the number of tokens)."""
-        out: dict[str, list[tuple[ProcessToken, tuple[str, ...]]]] = {}
+    async def revoke_token(self, owner: str, env: Envelope) -> None:
+        """Forget an owner's process token for good: its entry becomes a revocation marker
+        (so the token is never accepted again). The nodes learn the revocation from the
+        owner's retained copy, not from us."""
+        known = self.cloud.trust.owners[owner]
+        if env["owner_key"] != known.verify_key.raw:
+            raise Rejected("revocation names another key than the owner's")
+        await self.cloud.store.put_kv(TOKENS_NS, f"{owner}/{env['token_id'].hex()}",
+                                      wire.canonical({"revoked": env["time"]}))
+
+    async def _tokens_by_owner(self, owners: set[str]) -> dict[str, list[ProcessToken]]:
+        """Stored, unrevoked tokens of ``owners``, read in one pass (linear in the tokens)."""
+        out: dict[str, list[ProcessToken]] = {}
         for key, value in (await self.cloud.store.list_kv(TOKENS_NS)).items():
             owner = key.split("/", 1)[0]
             if owner in owners:
                 entry = _unpack(value)
-                out.setdefault(owner, []).append(
-                    (ProcessToken.from_bytes(entry["token"]), tuple(entry["twins"])))
+                if "token" in entry:
+                    out.setdefault(owner, []).append(ProcessToken.from_bytes(entry["token"]))
         return out
 
     # -- bus handlers --------------------------------------------------------------------
@@ -309,7 +322,7 @@ class JobManager:
                 if o is None or o.name != owner:
                     raise JobFailed(f"twin {twin} is not a twin of {owner}")
             reason = "no process token"
-            for token, token_twins in stored.get(owner, []):
+            for token in stored.get(owner, []):
                 try:
                     verify_process_token(token, token.issuer, function_class=function_class,
                                          receiver=env["receiver_key"], roster=roster.digest,
@@ -317,7 +330,7 @@ class JobManager:
                 except TokenRejected as exc:
                     reason = exc.reason
                     continue
-                if not set(mine) <= set(token_twins):
+                if not set(mine) <= set(token.twins):
                     reason = "token does not cover all requested twins"
                     continue
                 chosen.append(token.to_bytes())

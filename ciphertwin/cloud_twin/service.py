@@ -5,7 +5,8 @@ secret key. Subscriptions:
 
 * ``twins/+/data``   → ingest (check, store, ack) → live fan-out to the owner and grantees;
   a payload larger than an item may be is dropped by the bus client before it is queued;
-* ``control/+``      → owner registration, grants and revocations (signed by the owner);
+* ``control/+``      → owner registration, grants and revocations, process tokens and their
+  revocations (signed by the owner);
 * ``queries/+``      → history, answered on ``replies/{asker}/{request_id}``, each item with
   the key material the asker can open (its own capsule for the owner, a re-encrypted capsule
   for a grantee; items no grant of the asker admits are left out).
@@ -191,7 +192,7 @@ class CloudTwin:
         owner = self.topics.parse(topic)["owner"]
         request_id = None
         try:
-            env = decode(payload, (*CONTROL_KINDS, "process_token"))
+            env = decode(payload, (*CONTROL_KINDS, "process_token", "process_token_revoke"))
             request_id = control_request_id(env)
             if env["owner"] != owner:
                 raise Rejected("control message names another owner than its topic")
@@ -233,6 +234,8 @@ class CloudTwin:
             self._forget_recapsules(env["grant_id"])
         elif env.kind == "process_token":
             await self.jobs.accept_token(owner, env)
+        elif env.kind == "process_token_revoke":
+            await self.jobs.revoke_token(owner, env)
         elif env.kind == "revoke":
             if not await self.grants.revoke(owner, env["grant_id"], time.time()):
                 raise Rejected("no such active grant of this owner")

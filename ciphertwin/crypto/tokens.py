@@ -3,9 +3,10 @@
 * ``WriteToken`` — lets one device key upload to one twin, with attributes from an allowed
   list (exact strings, or ``prefix*`` patterns such as ``day:*``), inside a validity window.
   The cloud stores an envelope only if it is signed by a device holding a valid write token.
-* ``ProcessToken`` — lets a data selector (a policy over item attributes) be processed by
-  given function classes, by a given node roster, for given receivers, within limits.
-  Every MPC node verifies the token of every owner involved before touching an input.
+* ``ProcessToken`` — lets a data selector (a policy over item attributes) of the listed twins
+  be processed by given function classes, by a given node roster, for given receivers, within
+  limits. Every MPC node verifies the token of every owner involved before touching an input,
+  and refuses a job naming a twin of that owner the token does not list.
 
 Verification returns the token or raises ``TokenRejected`` whose ``reason`` says why.
 """
@@ -241,6 +242,7 @@ def roster_digest(node_keys: Sequence[bytes]) -> bytes:
 @dataclass(frozen=True)
 class ProcessToken:
     selector: str  # canonical policy text over item attributes
+    twins: tuple[str, ...]  # the owner's twins it covers (sorted)
     function_classes: tuple[str, ...]
     receivers: tuple[bytes, ...]  # authorised receiver public keys (encodings)
     node_keys: tuple[bytes, ...]  # node i's public key at index i
@@ -253,7 +255,7 @@ class ProcessToken:
     signature: bytes = field(repr=False)
 
     TAG = "process-token"
-    _FIELDS = ("selector", "functions", "receivers", "nodes", "roster", "nbf", "exp",
+    _FIELDS = ("selector", "twins", "functions", "receivers", "nodes", "roster", "nbf", "exp",
                "limits", "issuer", "id")
 
     @property
@@ -263,6 +265,7 @@ class ProcessToken:
     def body(self) -> dict[str, Any]:
         return {
             "selector": self.selector,
+            "twins": list(self.twins),
             "functions": list(self.function_classes),
             "receivers": list(self.receivers),
             "nodes": list(self.node_keys),
@@ -286,6 +289,7 @@ class ProcessToken:
             raise ValidationError("process-token.roster does not match its node keys")
         return cls(
             selector=str(Policy.parse(f.str("selector", 8192))),
+            twins=_clean_twins(f.str_list("twins", _MAX_LIST, 256)),
             function_classes=_clean_str_list(
                 f.str_list("functions", _MAX_LIST, MAX_ATTRIBUTE_BYTES), "functions"
             ),
@@ -300,6 +304,15 @@ class ProcessToken:
             token_id=f.bytes("id", TOKEN_ID_BYTES),
             signature=f.bytes("sig", SIGNATURE_BYTES),
         )
+
+
+def _clean_twins(twins: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(twins, (str, bytes)):
+        raise ValidationError("twins must be a list of twin ids")
+    items = tuple(sorted({_twin(t) for t in twins}))
+    if not 1 <= len(items) <= _MAX_LIST:
+        raise ValidationError(f"a process token names 1..{_MAX_LIST} twins")
+    return items
 
 
 def _clean_limits(limits: Mapping[str, int]) -> dict[str, int]:
@@ -322,12 +335,13 @@ def issue_process_token(
     receivers: Iterable[bytes],
     node_keys: Sequence[bytes],
     *,
+    twins: Iterable[str],
     limits: Mapping[str, int] | None = None,
     not_before: datetime | int | None = None,
     not_after: datetime | int | None = None,
     valid_for_s: int | None = None,
 ) -> ProcessToken:
-    """Owner signs: items matching ``selector`` may be processed as described."""
+    """Owner signs: items of ``twins`` matching ``selector`` may be processed as described."""
     start, end = _window(not_before, not_after, valid_for_s)
     nodes = _clean_bytes_list(node_keys, "node_keys")
     if not nodes:
@@ -337,6 +351,7 @@ def issue_process_token(
         raise ValidationError("a process token needs at least one receiver")
     unsigned = ProcessToken(
         selector=str(Policy.parse(selector)),
+        twins=_clean_twins(twins),
         function_classes=_clean_str_list(function_classes, "function_classes"),
         receivers=receiver_keys,
         node_keys=nodes,

@@ -63,7 +63,6 @@ async def _run(args: argparse.Namespace) -> int:
                                       roster_state=_home(args) / ROSTER_STATE_FILE, executor=pool,
                                       latency_s=args.rtt_ms / 2000,
                                       mpc_timeout_s=args.mpc_timeout,
-                                      verify_item_signatures=args.verify_item_signatures,
                                       ledger=ledger):
                 await asyncio.Event().wait()
     return 0
@@ -78,8 +77,6 @@ def register(subparsers: Any) -> None:
                       help="impose this round-trip time on node-to-node frames (benchmarks)")
     node.add_argument("--mpc-timeout", type=float, default=30.0)
     node.add_argument("--workers", type=int, help="processes for opening inputs")
-    node.add_argument("--verify-item-signatures", action="store_true",
-                      help="also check each item's device signature (see docs/processing.md)")
     node.set_defaults(func=_run)
     sub = node.add_subparsers(dest="node_command", metavar="ACTION", required=False)
     p = sub.add_parser("init", help="create node keys and broker login")

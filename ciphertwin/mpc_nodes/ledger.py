@@ -1,6 +1,6 @@
 """A processing node's durable memory: job ids it has run and process-token spending.
 
-Two things must survive a node restart, or the cloud could exploit the amnesia:
+Three things must survive a node restart, or the cloud could exploit the amnesia:
 
 * **job ids** — a node refuses any job id it has accepted before (keys of a run are fresh
   anyway, see :mod:`prf`, but a replayed job is a replayed computation: the cloud could
@@ -8,7 +8,9 @@ Two things must survive a node restart, or the cloud could exploit the amnesia:
 * **token budgets** — a process token's ``max_jobs`` per ``window_s`` (owner-set limits;
   :data:`DEFAULT_MAX_JOBS` per :data:`DEFAULT_WINDOW_S` when the owner set none) bounds how
   many overlapping jobs, hence differencing attacks, one token admits. Each accepted job is
-  recorded as (token id, job, time); a use is forgotten once its token has expired.
+  recorded as (token id, job, time); a use is forgotten once its token has expired;
+* **revoked process tokens** — the owner's signed revocation is retained on the bus, but the
+  cloud may publish anywhere and could clear it: once seen, a revocation stays here.
 
 Only accepted jobs (every check passed) are recorded, so garbage specs cannot grow the file.
 SQLite (stdlib) in the node's home folder; ``NodeLedger()`` without a path keeps it in memory
@@ -35,6 +37,8 @@ CREATE TABLE IF NOT EXISTS token_uses (
     token BLOB NOT NULL, job TEXT NOT NULL, time REAL NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY (token, job));
 CREATE INDEX IF NOT EXISTS token_uses_time ON token_uses (token, time);
+CREATE TABLE IF NOT EXISTS revoked (
+    owner BLOB NOT NULL, token BLOB NOT NULL, time REAL NOT NULL, PRIMARY KEY (owner, token));
 """
 
 
@@ -93,3 +97,14 @@ class NodeLedger:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    # -- revocations ---------------------------------------------------------------------
+    def revoke(self, owner_key: bytes, token_id: bytes) -> None:
+        """Remember that the owner revoked the token (idempotent)."""
+        self._db.execute("INSERT OR IGNORE INTO revoked (owner, token, time) VALUES (?, ?, ?)",
+                         (owner_key, token_id, time.time()))
+
+    def is_revoked(self, owner_key: bytes, token_id: bytes) -> bool:
+        row = self._db.execute("SELECT 1 FROM revoked WHERE owner = ? AND token = ?",
+                               (owner_key, token_id)).fetchone()
+        return row is not None

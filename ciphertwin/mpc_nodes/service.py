@@ -5,18 +5,23 @@ A node trusts neither the broker nor the cloud. For every job it:
 1. follows the roster on ``config/nodes`` signed by the pinned operator key, through a
    ``RosterHistory`` (newer, bounded versions; no node ever moves to another share index;
    kept in ``roster_state`` across restarts) — hot swap: a new version replaces the old at
-   once; a node not listed at its index takes no jobs;
+   once; a node not listed at its index takes no jobs — and the owners' signed
+   process-token revocations retained on ``revocations/+/+`` (checked against the key they
+   name — the cloud cannot forge them; kept in the ledger, so clearing the retained message
+   does not undo them);
 2. receives the job's input chunks from ``nodes/{me}/inputs/{job}`` (chunk 0 carries the spec);
 3. refuses a job id it has run before — also across restarts (the :class:`NodeLedger` in its
-   home folder) — and verifies every involved owner's process token (signature, validity,
-   function class, receiver key, roster digest, this node's key, limits, and the token's job
-   budget ``max_jobs`` per ``window_s``, counted in the ledger) and refuses with a reason
-   otherwise;
+   home folder) — and verifies every involved owner's process token (signature, not revoked,
+   validity, function class, receiver key, roster digest, this node's key, every twin of that
+   owner in the job listed in the token, limits — ``min_owners`` counts distinct *other*
+   owners — and the token's job budget ``max_jobs`` per ``window_s``, counted in the ledger)
+   and refuses with a reason otherwise;
 4. opens each chunk as soon as it arrives (the cloud is still re-encrypting later ones):
-   decapsulates the re-encrypted capsule with its PRE key, checks the item's write token
-   against the owner key named by the token, that the item's attributes satisfy the token's
-   selector and carry ``share:i`` for its own index i, decrypts (and, if configured, checks
-   the device's signature on the plaintext) — in an executor (worker processes if given);
+   checks the item's write token against the owner key named by the token and the device's
+   signature over the item (always: the cloud could otherwise seal made-up readings under a
+   capsule of its own), that the item's attributes satisfy the token's selector and carry
+   ``share:i`` for its own index i, decapsulates the re-encrypted capsule with its PRE key
+   and decrypts — in an executor (worker processes if given);
 5. subscribes to the job's MPC topics, draws a fresh 32-byte run nonce and announces it in its
    signed "ready" status (computing, round 0); once both peers' ready statuses (signed by the
    job's roster nodes) are in, it keys the PRF streams and the channel with the digest of the
@@ -39,7 +44,6 @@ the bus (a broker, another node principal) can therefore no longer abort running
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
@@ -69,6 +73,7 @@ from ciphertwin.protocol.jobs import (
     NodeRoster,
     build_result,
     build_status,
+    parse_token_revocation,
     unpack_params,
     verify_status,
 )
@@ -116,15 +121,12 @@ class ProcessingNode:
                  executor: Executor | None = None,
                  latency_s: float = 0.0, mpc_timeout_s: float = 30.0,
                  input_timeout_s: float = 300.0, qos: int = 0,
-                 verify_item_signatures: bool = False, ledger: NodeLedger | None = None) -> None:
+                 ledger: NodeLedger | None = None) -> None:
         self.bus, self.identity, self.pre = bus, identity, pre
         self.operator, self.executor = operator, executor
         self.rosters = RosterHistory(operator, roster_state)
         self.latency_s, self.mpc_timeout_s, self.qos = latency_s, mpc_timeout_s, qos
         self.input_timeout_s = input_timeout_s
-        self.verify_item_signatures = verify_item_signatures
-        """Check each input's inner device signature too (AES-GCM under the re-encrypted data
-        key already rules out cloud forgeries; see docs/processing.md)."""
         self.name = identity.node_id
         self.roster: NodeRoster | None = None
         self._pending: dict[str, _Pending] = {}
@@ -142,6 +144,7 @@ class ProcessingNode:
     async def __aenter__(self) -> ProcessingNode:
         t = self.bus.topics
         await self.bus.subscribe(t.config_nodes(), self._on_roster)
+        await self.bus.subscribe(t.filter("token_revoked"), self._on_revoked)
         await self.bus.subscribe(t.filter("node_inputs", node=self.name), self._on_inputs)
         await self.bus.subscribe(t.filter("job_status"), self._on_status, concurrency=1)
         log.info("node.started", node=self.name, index=self.identity.index)
@@ -172,6 +175,18 @@ class ProcessingNode:
             return
         self.roster = roster
         log.info("node.roster", node=self.name, version=roster.version, active=self.active)
+
+    async def _on_revoked(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Remember a revocation signed by the key it names (a forged one is dropped)."""
+        try:
+            owner_key, token_id = parse_token_revocation(payload)
+            if self.bus.topics.parse(topic)["token"] != token_id.hex():
+                raise ValidationError("revocation names another token than its topic")
+        except CipherTwinError as exc:
+            log.warning("node.revocation_rejected", node=self.name, reason=str(exc))
+            return
+        self.ledger.revoke(owner_key, token_id)
+        log.info("node.token_revoked", node=self.name, token=token_id.hex())
 
     # -- inputs --------------------------------------------------------------------------
     async def _on_inputs(self, topic: str, payload: bytes, retain: bool) -> None:
@@ -369,6 +384,8 @@ class ProcessingNode:
             try:
                 if token.issuer != owner_key:
                     continue
+                if self.ledger.is_revoked(owner, token.token_id):
+                    raise TokenRejected("revoked", f"token {token.token_id.hex()} was revoked")
                 verify_process_token(
                     token, owner_key, function_class=function_class, receiver=env["receiver_key"],
                     roster=self.roster.digest if self.roster else b"",
@@ -385,13 +402,24 @@ class ProcessingNode:
 
     @staticmethod
     def _check_limits(env: Envelope, owner: bytes, token: ProcessToken) -> None:
+        """The token's twin scope and limits for this owner's part of the job.
+
+        ``min_owners`` (``min_twins`` is the same limit under its old name) counts the distinct
+        owners *other than the issuer*: many twins of one owner — the receiver's own, say —
+        count once, so a receiver cannot pad a job with its twins around a single victim."""
         mine = [t for t in env["twins"] if t["owner_key"] == owner]
+        outside = sorted({t["twin"] for t in mine} - set(token.twins))
+        if outside:
+            raise TokenRejected("twin-not-covered", f"token does not cover twin {outside[0]}")
         max_items = token.limits.get("max_items")
         if max_items is not None and sum(t["count"] for t in mine) > max_items:
             raise TokenRejected("limit", f"more than max_items={max_items} inputs")
-        min_twins = token.limits.get("min_twins")
-        if min_twins is not None and len(env["twins"]) < min_twins:
-            raise TokenRejected("limit", f"fewer than min_twins={min_twins} participants")
+        others = len({t["owner_key"] for t in env["twins"]} - {owner})
+        for name in ("min_owners", "min_twins"):
+            least = token.limits.get(name)
+            if least is not None and others < least:
+                raise TokenRejected("limit", f"fewer than {name}={least} other owners "
+                                             f"({others} besides the token's issuer)")
         max_points = token.limits.get("max_points")
         if max_points is not None and env["points"] > max_points:
             raise TokenRejected("limit", f"more than max_points={max_points} per twin")
@@ -434,9 +462,8 @@ class ProcessingNode:
         workers = getattr(self.executor, "_max_workers", 1) or 1
         size = max(256, -(-len(items) // workers))
         batches = [list(items[i:i + size]) for i in range(0, len(items), size)]
-        opener = functools.partial(open_share_batch, check_signatures=self.verify_item_signatures)
         parts = await asyncio.gather(*(
-            loop.run_in_executor(self.executor, opener, *args, b) for b in batches))
+            loop.run_in_executor(self.executor, open_share_batch, *args, b) for b in batches))
         for part in parts:
             if isinstance(part, str):
                 raise JobRefused(part)

@@ -4,8 +4,12 @@ Who sends what:
 
 * operator → all, retained on ``config/nodes``: ``node_roster`` — the three nodes' self-signed
   MPC entries plus their PRE public keys, signed by the operator key everybody pins;
-* owner → cloud on ``control/{owner}``: ``process_token`` (the owner-signed token, plus the twins
-  it is meant for, signed as a control message);
+* owner → cloud on ``control/{owner}``: ``process_token`` (the owner-signed token, whose body
+  names the twins it covers, signed as a control message);
+* owner → cloud on ``control/{owner}`` and, the same bytes, retained on
+  ``revocations/{owner}/{token id}`` for the nodes: ``process_token_revoke`` (a control message
+  naming the token id and the owner's key; nodes check it against that key, not the cloud's
+  word, and refuse jobs with a revoked token);
 * anyone → cloud on ``jobs/submit``: ``job_submit`` (function, parameters, input selectors per
   owner and twin, receiver and its X25519 key);
 * cloud → node i on ``nodes/{node}/inputs/{job}``: ``node_inputs`` chunks; chunk 0 carries the
@@ -37,6 +41,7 @@ from ciphertwin.crypto.signing import SigningKey, VerifyKey
 from ciphertwin.crypto.tokens import roster_digest
 from ciphertwin.errors import CipherTwinError, ValidationError
 from ciphertwin.mpc_nodes.roster import Roster, RosterEntry
+from ciphertwin.protocol.control import verify_control
 from ciphertwin.protocol.kinds import DIGEST, REASON, SIG
 
 ROLE = Str(32, 1)
@@ -52,9 +57,12 @@ NODE_ROSTER = register_kind("node_roster", {
     "operator": PUBKEY, "time": Float(), "sig": SIG,
 })
 PROCESS_TOKEN = register_kind("process_token", {
-    "owner": ID, "request_id": ID, "token": Bytes(64 * 1024, 16), "twins": ListOf(ID, 256, 1),
-    "time": Float(), "sig": SIG,
+    "owner": ID, "request_id": ID, "token": Bytes(64 * 1024, 16), "time": Float(), "sig": SIG,
 }, max_size=96 * 1024)
+PROCESS_TOKEN_REVOKE = register_kind("process_token_revoke", {
+    "owner": ID, "owner_key": PUBKEY, "request_id": ID, "token_id": Bytes(16, 16),
+    "time": Float(), "sig": SIG,
+})
 JOB_SUBMIT = register_kind("job_submit", {
     "job": ID, "function": Str(64, 1), "params": PARAMS,
     "inputs": ListOf(Struct({"owner": ID, "twin": ID, "role": ROLE}), MAX_TWINS, 1),
@@ -154,6 +162,19 @@ def _verify(env: Envelope, key: VerifyKey, context: str) -> None:
         key.verify_object(context, unsigned, env["sig"])
     except SignatureInvalid:
         raise ValidationError(f"{env.kind}: bad signature") from None
+
+
+def parse_token_revocation(payload: bytes) -> tuple[bytes, bytes]:
+    """(owner key, token id) of a ``process_token_revoke`` signed by the key it names.
+
+    Self-certifying: a key can only revoke its own tokens, so a node needs no registry of
+    owners (and no word of the cloud) to honour it."""
+    env = decode(payload, "process_token_revoke")
+    try:
+        verify_control(env, VerifyKey(env["owner_key"]))
+    except SignatureInvalid:
+        raise ValidationError("process_token_revoke: bad signature") from None
+    return env["owner_key"], env["token_id"]
 
 
 # --- job submission and spec --------------------------------------------------------------

@@ -3,23 +3,28 @@
 For every (item, re-encrypted capsule) the node receives, in this order:
 
 * the item's write token must be issued by the owner key the job names for the twin (so the
-  cloud cannot slip in items signed by a device key of its own), valid at the item's time;
+  cloud cannot slip in items signed by a device key of its own), name the item's twin and
+  device, and be valid at the item's time;
+* the device's signature over the whole envelope (``protocol.items.verify_item_signature``,
+  under the write token's device key) must verify: it covers the time (which orders the
+  points), the attributes, the capsule id and the sealed ciphertext, so the cloud can neither
+  forge an input nor alter a genuine one. AES-GCM alone would not do: anyone — the cloud
+  included — can encapsulate a fresh capsule under the owner's *public* PRE key, re-encrypt
+  it with the node's stored re-key and seal any reading under a data key it then knows;
 * the item's attributes must carry ``share:i`` for this node's index and satisfy the owner's
   process-token selector — node i never opens another share index, whatever a grant says;
 * the capsule is decapsulated with the node's PRE key (once per capsule: one per key epoch);
-* the sealed reading is decrypted (AAD binds twin, device, seq and attributes); with
-  ``check_signatures`` the device's signature on the plaintext is checked as well;
+* the sealed reading is decrypted (AAD binds twin, device, seq and attributes) — the
+  ciphertext is the device's (signed), so the plaintext is too;
 * the reading must say ``share: i`` and hold every needed field as a ring element.
 
 Items are opened grouped by what they share: the write token, the attribute-set checks and
 the data key are worked out once per distinct token, attribute set and re-capsule (memoised
 for the batch, and across batches by digest of the exact bytes), so the per-item work is the
-envelope check, AES-GCM and the value checks. Results come back as columns (numpy arrays),
-which are cheap to pickle out of the worker and to arrange.
-
-The outer envelope signature is not checked: AES-GCM under a data key that only the device,
-the owner and grantees of ``share:i`` items hold already binds everything a node relies on;
-the argument, and when to turn ``check_signatures`` on, is in docs/processing.md.
+envelope check, one Ed25519 verification (remembered by digest of the exact bytes, so a
+repeated job skips it), AES-GCM and the value checks. Results come back as
+columns (numpy arrays), which are cheap to pickle out of the worker and to arrange.
+See docs/processing.md ("Authenticity of node inputs").
 """
 
 
@@ -41,11 +46,11 @@ from ciphertwin.crypto.signing import VerifyKey
 from ciphertwin.crypto.tokens import WriteToken, verify_write_token
 from ciphertwin.errors import ValidationError
 from ciphertwin.protocol.items import (
-    ITEM_DATA_CONTEXT,
     decode_inner,
     decode_item,
     item_aad,
     key_from_recapsule,
+    verify_item_signature,
 )
 
 _RING = 1 << 64
@@ -79,12 +84,15 @@ class OpenedColumns:
 
 # Worker-process caches. Write tokens are verified once per (owner key, token bytes); data keys
 # are derived once per (node PRE key, re-capsule bytes): the 0.8 ms GT-membership check and the
-# GT exponentiation then cost nothing for the other items of the epoch or a repeated job.
-# Both results are deterministic functions of their (hashed) inputs, so a hit is exactly as
+# GT exponentiation then cost nothing for the other items of the epoch or a repeated job;
+# item signatures once per (device key, item bytes), so a repeated job does no Ed25519 work.
+# All results are deterministic functions of their (hashed) inputs, so a hit is exactly as
 # good as a fresh computation.
 _TOKENS: OrderedDict[bytes, WriteToken] = OrderedDict()
 _KEYS: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
 _ALLOWED: OrderedDict[tuple[bytes, tuple[str, ...]], bool] = OrderedDict()
+_SIGNED: OrderedDict[bytes, bool] = OrderedDict()
+"""digests of (device key, exact item bytes) whose signature verified: a repeated job skips it"""
 _CACHE_LIMIT = 20_000
 
 
@@ -98,25 +106,25 @@ class _Opener:
     """Opens one batch for node ``index``; memoises per token, attribute set and re-capsule."""
 
     def __init__(self, pre: PreKeyPair, index: int, owner_of: Mapping[str, bytes],
-                 selectors: Mapping[bytes, str], fields: Sequence[str],
-                 check_signatures: bool) -> None:
+                 selectors: Mapping[bytes, str], fields: Sequence[str]) -> None:
         self.pre, self.pre_id, self.index = pre, pre.key_id, index
-        self.owner_of, self.fields, self.check_signatures = owner_of, tuple(fields), check_signatures
+        self.owner_of, self.fields = owner_of, tuple(fields)
         self.policies = {owner: Policy.parse(text) for owner, text in selectors.items()}
         self.share_attr = f"share:{index}"
         self._tokens: dict[tuple[bytes, bytes], tuple[bytes, WriteToken]] = {}
         self._attrs: dict[tuple[bytes, tuple[str, ...]], str | None] = {}
         self._keys: dict[bytes, tuple[bytes, bytes]] = {}
 
-    def token(self, owner: bytes, raw: bytes, twin: str) -> tuple[bytes, WriteToken]:
-        """(cache digest, verified write token) — verified once per owner and token bytes."""
+    def token(self, owner: bytes, raw: bytes) -> tuple[bytes, WriteToken]:
+        """(cache digest, write token signed by ``owner``) — the signature is checked once per
+        owner and token bytes; twin, device and time are checked per item (``open``)."""
         got = self._tokens.get((owner, raw))
         if got is None:
             tkey = hashlib.sha256(owner + raw).digest()
             token = _TOKENS.get(tkey)
             if token is None:
                 token = WriteToken.from_bytes(raw)
-                verify_write_token(token, VerifyKey(owner), twin=twin, now=token.not_before)
+                verify_write_token(token, VerifyKey(owner), now=token.not_before)
                 _remember(_TOKENS, tkey, token)
             got = self._tokens[(owner, raw)] = (tkey, token)
         return got
@@ -151,15 +159,20 @@ class _Opener:
             self._keys[raw] = got
         return got
 
-    def open(self, item: Any, raw_key: bytes) -> tuple[str, str, int, float, tuple[int, ...]]:
-        """(twin, device, seq, time, field values) of one decoded item envelope, or raise."""
+    def open(self, raw: bytes, raw_key: bytes) -> tuple[str, str, int, float, tuple[int, ...]]:
+        """(twin, device, seq, time, field values) of one item envelope, or raise."""
+        item = decode_item(raw)
         twin, seq, device = item["twin"], item["seq"], item["device"]
         owner = self.owner_of.get(twin)
         if owner is None:
             raise ValidationError("twin is not part of this job")
-        tkey, token = self.token(owner, item["token"], twin)
+        tkey, token = self.token(owner, item["token"])
         if token.twin != twin or token.device != device:
             raise ValidationError("write token names another twin or device")
+        signed = hashlib.sha256(token.device_key.raw + raw).digest()
+        if signed not in _SIGNED:  # every field below is the device's
+            verify_item_signature(item.body, token.device_key)
+            _remember(_SIGNED, signed, True)
         when = float(item["time"])
         if not token.not_before - 300 <= when < token.not_after + 300:
             raise ValidationError("item time is outside its write token's validity")
@@ -174,38 +187,26 @@ class _Opener:
         if sealed.capsule_id != cid:
             raise ValidationError("sealed item names another capsule")
         inner = decode_inner(open_sealed(sealed, key, item_aad(twin, device, seq, attr_list)))
-        reading = inner["reading"]
-        if self.check_signatures:
-            token.device_key.verify_object(
-                ITEM_DATA_CONTEXT,
-                {"twin": twin, "device": device, "seq": seq, "reading": reading},
-                inner["sig"])
-        return twin, device, seq, when, _values(reading, self.index, self.fields)
+        return twin, device, seq, when, _values(inner["reading"], self.index, self.fields)
 
 
 def open_share_batch(pre_bytes: bytes, index: int, owner_of: Mapping[str, bytes],
                      selectors: Mapping[bytes, str], fields: Sequence[str],
-                     entries: Sequence[Mapping[str, bytes]], *,
-                     check_signatures: bool = True) -> OpenedColumns | str:
+                     entries: Sequence[Mapping[str, bytes]]) -> OpenedColumns | str:
     """Open ``entries`` ({item, key}) for node ``index``; a string is the refusal reason.
 
-    ``check_signatures=False`` skips the device's Ed25519 signature on each plaintext; see
-    docs/processing.md ("Authenticity of node inputs") for what that does and does not give up.
-    """
-    opener = _Opener(PreKeyPair.from_bytes(pre_bytes), index, owner_of, selectors, fields,
-                     check_signatures)
+    Every item's device signature is checked: there is no switch to skip it."""
+    opener = _Opener(PreKeyPair.from_bytes(pre_bytes), index, owner_of, selectors, fields)
     twins: list[str] = []
     devices: list[str] = []
     seqs: list[int] = []
     times: list[float] = []
     values: list[tuple[int, ...]] = []
     for entry in entries:
-        where = "item"
         try:
-            item = decode_item(entry["item"])
-            where = f"twin {item['twin']} seq {item['seq']}"
-            twin, device, seq, when, vals = opener.open(item, entry["key"])
+            twin, device, seq, when, vals = opener.open(entry["item"], entry["key"])
         except _REFUSED as exc:
+            where = _where(entry["item"])
             return f"input refused ({where}): {type(exc).__name__}: {exc}"[:256]
         twins.append(twin)
         devices.append(device)
@@ -217,6 +218,15 @@ def open_share_batch(pre_bytes: bytes, index: int, owner_of: Mapping[str, bytes]
     return OpenedColumns(twins, devices, np.array(seqs, dtype=np.uint64),
                          np.array(times, dtype=np.float64),
                          {f: np.ascontiguousarray(columns[i]) for i, f in enumerate(fields)})
+
+
+def _where(raw: bytes) -> str:
+    """Which item a refusal is about (for the reason), if it decodes at all."""
+    try:
+        item = decode_item(raw)
+    except ValidationError:
+        return "item"
+    return f"twin {item['twin']} seq {item['seq']}"
 
 
 def _values(reading: object, index: int, fields: Sequence[str]) -> tuple[int, ...]:
