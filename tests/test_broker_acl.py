@@ -98,6 +98,18 @@ def test_receiver_node_operator_cloud() -> None:
     assert not c.may_publish("other/prefix")
 
 
+def test_cloud_cannot_publish_rosters_revocations_frames_or_results() -> None:
+    """The cloud may read every topic but must not clear a retained roster or revocation,
+    inject MPC frames, post results, or write into a twin as if it were a device."""
+    c = acl("cloud")
+    for topic in (T.config_nodes(), T.token_revoked("o1", "ab" * 16), T.mpc("j", "n0", "n1"),
+                  T.results("rec", "j"), T.twin_data("t1"), T.control("o1"), T.job_submit()):
+        assert not c.may_publish(topic), topic
+    for topic in (T.ack("t1", "d1"), T.stream("t1", "rec"), T.replies("o1", "r1"),
+                  T.job_status("j"), T.node_inputs("n0", "j"), T.inbox("d1")):
+        assert c.may_publish(topic), topic
+
+
 def test_client_id_rule() -> None:
     assert client_id_allowed("d1", "d1") and client_id_allowed("d1", "d1@outbox")
     assert not client_id_allowed("d1", "d10") and not client_id_allowed("d1", "cloud")
@@ -109,7 +121,9 @@ def test_mosquitto_rendering_mirrors_acl_for() -> None:
     assert set(blocks) == set(CLIENTS)
     assert "topic write ct/v1/twins/t1/data\n" in blocks["d1"]
     assert "topic read ct/v1/twins/t1/ack/d1\n" in blocks["d1"]
-    assert "topic readwrite ct/v1/#\n" in blocks["cloud"]
+    assert "topic read ct/v1/#\n" in blocks["cloud"]
+    assert "topic write ct/v1/twins/+/ack/+\n" in blocks["cloud"]
+    assert "ct/v1/config/nodes" not in blocks["cloud"]
     assert "t2" not in blocks["d1"]
     for cid, block in blocks.items():
         a = acl(cid)

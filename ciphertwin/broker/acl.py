@@ -52,6 +52,11 @@ def _dedupe(items: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+CLOUD_PUBLISHES = ("ack", "stream", "replies", "job_status", "node_inputs", "inbox")
+"""The topic kinds the cloud twin publishes (acks, live fan-out, replies, job status, node
+inputs, and device inboxes for queued requests)."""
+
+
 def acl_for(principal: Principal, clients: Registry, topics: Topics) -> Acl:
     """The publish/subscribe filters of ``principal`` in a deployment with ``clients``."""
     t, me = topics, principal.id
@@ -59,7 +64,11 @@ def acl_for(principal: Principal, clients: Registry, topics: Topics) -> Acl:
     sub: list[str] = []
     match principal.role:
         case Role.CLOUD:
-            pub, sub = [t.everything()], [t.everything()]
+            # it reads everything, but publishes only what it serves: never a roster, a
+            # revocation, an MPC frame or a result (it could not forge them, but it could
+            # clear a retained roster or revocation, or flood the nodes' channels)
+            pub = [t.filter(kind) for kind in CLOUD_PUBLISHES]
+            sub = [t.everything()]
         case Role.DEVICE:
             twin = principal.twin or ""
             pub = [t.twin_data(twin), t.reported(twin), t.query(me)]
