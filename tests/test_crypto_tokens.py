@@ -46,6 +46,30 @@ def test_sign_verify_and_domain_separation() -> None:
         OWNER.sign("Bad Context", b"x")
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=2048), st.integers(0, 63 * 8 - 1))
+def test_openssl_signatures_verify_under_libsodium_and_tampering_fails(message: bytes,
+                                                                       bit: int) -> None:
+    """Signing (OpenSSL) and verifying (libsodium) are two implementations: every honest
+    signature must verify, and any flipped bit of it must not."""
+    sig = DEVICE.sign("envelope", message)
+    DEVICE.verify_key.verify("envelope", message, sig)
+    flipped = bytearray(sig)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(SignatureInvalid):
+        DEVICE.verify_key.verify("envelope", message, bytes(flipped))
+
+
+def test_small_order_key_universal_forgery_is_refused() -> None:
+    """With the identity point as public key, (R = identity, S = 0) satisfies the lenient
+    verification equation for *every* message; OpenSSL accepts it, our verifier must not."""
+    identity = b"\x01" + bytes(31)
+    forged = identity + bytes(32)
+    for message in (b"", b"any reading", b"x" * 500):
+        with pytest.raises(SignatureInvalid):
+            VerifyKey(identity).verify("envelope", message, forged)
+
+
 def test_canonical_is_order_independent_and_strict() -> None:
     assert canonical({"b": 1, "a": [1, {"d": 2, "c": b"x"}]}) == canonical(
         {"a": (1, {"c": b"x", "d": 2}), "b": 1}

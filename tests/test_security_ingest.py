@@ -44,7 +44,6 @@ from ciphertwin.protocol.items import (
     DeviceCredentials,
     build_item,
     decode_item,
-    verify_item_signature,
 )
 from ciphertwin.protocol.kinds import CONTROL_KINDS
 
@@ -214,7 +213,9 @@ async def test_reencoded_item_is_refused_and_does_not_block_the_genuine_one(
     forged = reencode(genuine, **REENCODINGS[how])
     assert forged != genuine and msgpack.unpackb(forged) == msgpack.unpackb(genuine)
     body = {k: v for k, v in msgpack.unpackb(forged, raw=False).items() if k not in ("t", "v")}
-    verify_item_signature(body, device.key.verify_key)  # the attack is real: it still verifies
+    # the attack is real: the re-encoding's canonical form carries the device's signature
+    device.key.verify_key.verify_object(ITEM_CONTEXT, {k: v for k, v in body.items() if k != "sig"},
+                                        body["sig"])
     with pytest.raises(EnvelopeError, match="not in canonical form"):
         decode_item(forged)
     with structlog.testing.capture_logs() as logs:

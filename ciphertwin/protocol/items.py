@@ -105,8 +105,14 @@ def token_digest(token: bytes) -> bytes:
 
 def verify_item_signature(body: Mapping[str, Any], device_key: VerifyKey) -> None:
     """Outer signature by the device over every field of an item's body (raises
-    SignatureInvalid)."""
-    device_key.verify_object(ITEM_CONTEXT, _unsigned(body), body["sig"])
+    SignatureInvalid).
+
+    ``body`` comes from the strict decoder (``decode_item``, ``unpack_checked``), which admits
+    only the canonical encoding: its keys are sorted and its values of canonical types, so it
+    is packed as it is — the canonicalising walk of :func:`wire.canonical` cost as much as
+    everything else here but the signature (this runs for every stored and every processed
+    item). A body in any other key order packs differently and fails; it never passes."""
+    device_key.verify(ITEM_CONTEXT, msgpack.packb(_unsigned(body), use_bin_type=True), body["sig"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ciphertwin.agents.identity import read_private_file, write_private_file
+from ciphertwin.config.files import read_private_file, write_private_file
 from ciphertwin.crypto import wire
 from ciphertwin.crypto.signing import VerifyKey
 from ciphertwin.errors import ValidationError

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from ciphertwin.bus.client import BusClient
+from ciphertwin.bus.client import BusClient, unique_client_id
 from ciphertwin.bus.topics import DEFAULT_PREFIX
 from ciphertwin.mpc_nodes.party import Party
 from ciphertwin.mpc_nodes.roster import NodeIdentity, Roster
@@ -49,8 +49,8 @@ async def mqtt_transport(
     """
     own_bus = bus is None
     client = bus or BusClient(
-        host, port, client_id=f"mpc-{identity.node_id}-{job}"[:128], username=username,
-        password=password, prefix=prefix, max_inflight=64,
+        host, port, client_id=unique_client_id(username or identity.node_id),
+        username=username, password=password, prefix=prefix, max_inflight=64,
     )
     if own_bus:
         await client.__aenter__()
