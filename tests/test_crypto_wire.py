@@ -132,3 +132,33 @@ def test_unsorted_or_duplicate_attributes_are_not_canonical() -> None:
     swapped = {**obj, "attrs": list(reversed(obj["attrs"])), "e": list(reversed(obj["e"]))}
     with pytest.raises(ValidationError, match="sorted"):
         Capsule.from_bytes(wire.canonical(swapped))
+
+
+_LEAVES = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
+           | st.floats(allow_nan=False) | st.text(max_size=8) | st.binary(max_size=8))
+_TREES = st.recursive(_LEAVES, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.text(max_size=4), inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_TREES, st.randoms(use_true_random=False))
+def test_is_canonical_agrees_with_the_definition(tree: object, rnd: object) -> None:
+    """``is_canonical`` (the fast check every decoder runs) says yes exactly when the bytes
+    equal ``canonical`` of what they unpack to — for the canonical bytes and for a re-encoding
+    with every map's keys shuffled (what a re-encoding broker would send)."""
+    import msgpack
+
+    from ciphertwin.crypto.wire import canonical, is_canonical
+
+    def shuffled(x: object) -> object:
+        if isinstance(x, dict):
+            keys = list(x)
+            rnd.shuffle(keys)  # type: ignore[attr-defined]
+            return {k: shuffled(x[k]) for k in keys}
+        if isinstance(x, list):
+            return [shuffled(v) for v in x]
+        return x
+
+    for data in (canonical(tree), msgpack.packb(shuffled(tree), use_bin_type=True)):
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        assert is_canonical(obj, data) == (canonical(obj) == data)

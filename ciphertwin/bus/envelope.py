@@ -39,6 +39,7 @@ import msgpack
 
 from ciphertwin.bus.errors import EnvelopeError
 from ciphertwin.bus.topics import ID_PATTERN
+from ciphertwin.crypto.wire import is_canonical
 
 VERSION = 1
 """Current envelope schema version; a decoder accepts exactly the versions of its kind."""
@@ -282,14 +283,6 @@ class Kind:
         return data
 
 
-def _packed_as_is(msg: dict[str, Any], payload: bytes | bytearray | memoryview) -> bool:
-    """Is ``payload``, which decoded to the flat map ``msg``, its one wire form? Decoding
-    keeps the keys' order, so checking that order and packing ``msg`` as it is will do (the
-    cheap check, for the kinds without nested maps — items among them)."""
-    keys = list(msg)
-    return keys == sorted(keys) and msgpack.packb(msg, use_bin_type=True) == payload
-
-
 _KINDS: dict[str, Kind] = {}
 
 
@@ -445,14 +438,12 @@ def decode(
         )
     if size > kind.max_size:
         raise EnvelopeError(f"{kind_name!r} of {size} bytes exceeds limit {kind.max_size}")
-    if not kind.nested and not _packed_as_is(msg, payload):
+    if not is_canonical(msg, payload, flat=not kind.nested):
         raise _not_canonical(kind_name)
     del msg["t"], msg["v"]
     err = _check_fields(msg, kind.fields)
     if err:
         raise EnvelopeError(f"invalid {kind_name!r}: {err}")
-    if kind.nested and kind.pack({"t": kind_name, "v": version, **msg}) != payload:
-        raise _not_canonical(kind_name)  # sorting nested maps needs the checked schema
     return Envelope(kind_name, version, msg, size)
 
 
