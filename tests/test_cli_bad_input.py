@@ -53,3 +53,12 @@ def test_missing_keys_are_reported_not_crashed_on(tmp_path: Path, deployment: Pa
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     _run(capsys, "owner", "history", "--name", "alice", "--home", str(tmp_path / "none"),
          "--config", str(deployment), "kitchen")
+
+
+@pytest.mark.parametrize("token_id", ["zz", "ab", "00" * 17, ""])
+def test_garbage_token_id_is_refused_before_anything_is_sent(
+        tmp_path: Path, deployment: Path, capsys: pytest.CaptureFixture[str],
+        token_id: str) -> None:
+    err = _run(capsys, "owner", "revoke-processing", "--name", "alice", "--home",
+               str(tmp_path / "none"), "--config", str(deployment), "--token-id", token_id)
+    assert "--token-id wants 32 hex digits" in err

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack, closing
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from ciphertwin.bus.envelope import decode
+from ciphertwin.crypto.signing import SigningKey
 from ciphertwin.demo.contact_tracing import (
     _params, job_inputs, plaintext_reference, prepare, process, random_paths, start_world,
 )
@@ -352,3 +354,21 @@ def test_owner_cli_sets_the_job_budget() -> None:
     args = parser.parse_args(["grant-processing", "--name", "o", "--twins", "t", "--subset",
                               "type:location", "--receiver-key", "k"])
     assert _budget(args) == {}  # the nodes' default budget applies
+
+
+def test_a_damaged_ledger_or_roster_state_stops_the_node_with_a_clear_reason(tmp_path: Path) -> None:
+    """Garbage in a node's state files is a refusal naming the file, not a traceback — and
+    never a silent fresh start, which would forget the job ids and budgets it guards."""
+    from ciphertwin.errors import ValidationError
+    from ciphertwin.mpc_nodes.ledger import NodeLedger
+    from ciphertwin.protocol.roster_trust import RosterHistory
+
+    ledger = tmp_path / "node-ledger.db"
+    ledger.write_bytes(b"this is not an SQLite database, just some bytes " * 100)
+    with pytest.raises(ValidationError, match="not a usable node ledger"):
+        NodeLedger(ledger)
+    state = tmp_path / "roster-history.json"
+    state.write_text("{not json")
+    state.chmod(0o600)
+    with pytest.raises(ValidationError, match="roster state"):
+        RosterHistory(SigningKey.generate().verify_key, state)

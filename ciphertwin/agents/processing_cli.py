@@ -21,6 +21,7 @@ from ciphertwin.agents.identity import load_public
 from ciphertwin.agents.operator_cli import add_operator_key_option, pinned_operator
 from ciphertwin.bus.envelope import Envelope
 from ciphertwin.config.settings import load_deployment
+from ciphertwin.crypto.tokens import TOKEN_ID_BYTES
 from ciphertwin.errors import ValidationError
 from ciphertwin.protocol.roster_trust import (
     GRANTED_SHARES_FILE, ROSTER_STATE_FILE, RosterHistory, ShareIndexBook,
@@ -76,7 +77,10 @@ async def _revoke_processing(args: argparse.Namespace) -> int:
     try:
         token_id = bytes.fromhex(args.token_id)
     except ValueError:
-        raise ValidationError(f"--token-id wants 32 hex digits, got {args.token_id!r}") from None
+        token_id = b""
+    if len(token_id) != TOKEN_ID_BYTES:
+        raise ValidationError(f"--token-id wants {2 * TOKEN_ID_BYTES} hex digits (as "
+                              f"grant-processing printed it), got {args.token_id!r:.80}")
     me = _identity(args)
     async with _bus_for(args, load_deployment(args.config)) as bus:
         await revoke_processing(bus, me.name, me.signing, token_id)

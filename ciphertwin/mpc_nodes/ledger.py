@@ -25,6 +25,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ciphertwin.errors import ValidationError
+
 DEFAULT_MAX_JOBS = 20
 """jobs per window a process token admits when its owner set no ``max_jobs``"""
 DEFAULT_WINDOW_S = 86400
@@ -52,10 +54,15 @@ class NodeLedger:
 
     def __init__(self, path: Path | str | None = None) -> None:
         self.path = Path(path) if path is not None else None
-        self._db = sqlite3.connect(":memory:" if path is None else str(path), isolation_level=None)
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(":memory:" if path is None else str(path),
+                                       isolation_level=None)
+            if path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:  # a damaged or foreign file: say which, never guess
+            raise ValidationError(f"{path}: not a usable node ledger ({exc}); a node refuses "
+                                  "to start without its record of jobs run and tokens spent") from None
 
     def close(self) -> None:
         self._db.close()
