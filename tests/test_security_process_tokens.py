@@ -104,20 +104,21 @@ async def _assert_refused_by_nodes(w: Any, status: Any, result: Any, reason: str
     assert w.receiver._jobs.get(job) is None or not w.receiver._jobs[job].shares
 
 
-async def test_cloud_forged_node_input_is_refused() -> None:
+async def _run_with_tampered_inputs(change: Callable[[Any, int, Entry], Entry]) -> None:
+    """A job whose first input per node the cloud replaced: every node refuses it."""
     async with AsyncExitStack() as stack:
         w, owners, paths, t0 = await _world(stack)
-        _tamper_inputs(w, _forged_entry)
+        _tamper_inputs(w, change)
         status, result = await process(w, paths, RADIUS, t0, owners, timeout=60)
         await _assert_refused_by_nodes(w, status, result, "SignatureInvalid")
+
+
+async def test_cloud_forged_node_input_is_refused() -> None:
+    await _run_with_tampered_inputs(_forged_entry)
 
 
 async def test_item_time_altered_by_the_cloud_is_refused() -> None:
-    async with AsyncExitStack() as stack:
-        w, owners, paths, t0 = await _world(stack)
-        _tamper_inputs(w, _retimed_entry)
-        status, result = await process(w, paths, RADIUS, t0, owners, timeout=60)
-        await _assert_refused_by_nodes(w, status, result, "SignatureInvalid")
+    await _run_with_tampered_inputs(_retimed_entry)
 
 
 # --- job specs sent straight to the nodes (a cloud that skips its own checks) ---------------
