@@ -11,6 +11,7 @@ processes against a real broker process, their worker processes found with psuti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from ciphertwin.broker.embedded import free_port
 from ciphertwin.config import Principal
 from ciphertwin.config.principals import add_client
 from ciphertwin.crypto.passwords import Argon2Params
+from ciphertwin.workers import worker_pool
 
 PASSPHRASE = "test passphrase for node keys"
 CLOUD_PASSWORD = "pw-cloud-0123456789abcdef"
@@ -250,6 +253,25 @@ def test_node_stops_with_its_workers(world: World, how: str) -> None:
         node.kill()
         node.wait(5)
     _all_gone(workers)
+
+
+def test_pool_workers_start_clean_and_are_replaced_when_one_dies() -> None:
+    """In-process: signals reset in the workers; a killed worker breaks nothing for good."""
+    pool = worker_pool(2)
+    try:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+        assert pool.submit(signal.getsignal, signal.SIGTERM).result() == signal.SIG_DFL
+        os.kill(pool.submit(os.getpid).result(), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pool.restarts == 0:  # the pool notices, tasks in flight fail, new workers start
+            assert time.monotonic() < deadline, "the pool never replaced its workers"
+            with contextlib.suppress(BrokenProcessPool):
+                pool.submit(os.getpid).result(timeout=10)
+            time.sleep(0.05)
+        assert psutil.pid_exists(pool.submit(os.getpid).result(timeout=10))
+        assert pool.restarts == 1
+    finally:
+        pool.shutdown()
 
 
 # -- a store that cannot be opened, or is lost -----------------------------------------------
