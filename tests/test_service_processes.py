@@ -11,6 +11,7 @@ processes against a real broker process, their worker processes found with psuti
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -31,6 +32,10 @@ import pytest
 from ciphertwin.agents.cli import BROKER_SECRET
 from ciphertwin.agents.identity import Identity, save_identity, write_private_file
 from ciphertwin.broker.embedded import free_port
+from ciphertwin.bus.client import BusClient
+from ciphertwin.cloud_twin.reencryption import ReencryptionPool
+from ciphertwin.cloud_twin.service import CloudTwin
+from ciphertwin.cloud_twin.store import SqliteTwinStore, StoreUnavailable
 from ciphertwin.config import Principal
 from ciphertwin.config.principals import add_client
 from ciphertwin.crypto.passwords import Argon2Params
@@ -329,6 +334,32 @@ def test_cloud_with_unopenable_postgres_store_exits_nonzero(
                         CIPHERTWIN_STORAGE__POSTGRES_DSN=dsn)
     err = _assert_fails_promptly(cloud, "cannot open the PostgreSQL store")
     assert "secret" not in err  # the DSN's password is never shown
+
+
+def test_unopenable_store_fails_promptly_even_without_a_broker(world: World) -> None:
+    """The store is opened before the broker is looked for: no waiting on a reconnect loop."""
+    cloud = world.cloud(_store_cases(world.root)["path is a directory"],
+                        CIPHERTWIN_BROKER__PORT=str(free_port()))
+    _assert_fails_promptly(cloud, "cannot open the store")
+
+
+async def test_cloud_that_fails_to_start_stops_what_it_started(tmp_path: Path) -> None:
+    """In-process: the worker pool is shut down and no store thread is left (either would
+    keep a process from exiting)."""
+    bad = tmp_path / "not-a-database.sqlite"
+    bad.write_bytes(os.urandom(8192))
+    before = set(threading.enumerate())
+    pool = ReencryptionPool(1)
+    bus = BusClient("127.0.0.1", free_port(), client_id="never-connected")
+    with pytest.raises(StoreUnavailable):
+        async with CloudTwin(bus, SqliteTwinStore(bad), pool=pool):
+            pass
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.executor.submit(os.getpid)
+    await asyncio.sleep(0.2)  # the store's thread ends after its last queued call
+    left = [t for t in set(threading.enumerate()) - before if not t.daemon and t.is_alive()
+            and not t.name.startswith("asyncio_")]  # the loop's own executor: asyncio.run ends it
+    assert not left, left
 
 
 def test_cloud_exits_nonzero_when_its_store_file_is_deleted(world: World) -> None:
