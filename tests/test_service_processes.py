@@ -36,6 +36,7 @@ from ciphertwin.bus.client import BusClient
 from ciphertwin.cloud_twin.reencryption import ReencryptionPool
 from ciphertwin.cloud_twin.service import CloudTwin
 from ciphertwin.cloud_twin.store import SqliteTwinStore, StoreUnavailable
+from ciphertwin.cloud_twin.store_watch import watch_store
 from ciphertwin.config import Principal
 from ciphertwin.config.principals import add_client
 from ciphertwin.crypto.passwords import Argon2Params
@@ -360,6 +361,20 @@ async def test_cloud_that_fails_to_start_stops_what_it_started(tmp_path: Path) -
     left = [t for t in set(threading.enumerate()) - before if not t.daemon and t.is_alive()
             and not t.name.startswith("asyncio_")]  # the loop's own executor: asyncio.run ends it
     assert not left, left
+
+
+async def test_store_watch_gives_a_failing_store_a_grace_period(tmp_path: Path) -> None:
+    """Failed checks are tolerated for ``grace_s`` (a database restart), then end the watch."""
+    store = SqliteTwinStore(tmp_path / "c.sqlite")
+    await store.open()
+    watch = asyncio.create_task(watch_store(store, interval_s=0.05, grace_s=0.5))
+    await asyncio.sleep(0.3)
+    assert not watch.done()  # healthy
+    await store.close()  # from now on every check fails
+    await asyncio.sleep(0.3)
+    assert not watch.done()  # failing, within the grace period
+    with pytest.raises(StoreUnavailable, match="failed every check"):
+        await asyncio.wait_for(watch, 2)
 
 
 def test_cloud_exits_nonzero_when_its_store_file_is_deleted(world: World) -> None:
