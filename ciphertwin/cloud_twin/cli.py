@@ -2,16 +2,23 @@
 
 The operator key node rosters must be signed with is mandatory (``[processing] operator_key``
 or ``--operator-key``): the cloud must not choose the nodes it sends shares to.
+
+As a supervisor sees it: SIGINT/SIGTERM stop the cloud cleanly (its worker processes too) with
+exit code 0; a store that cannot be opened, or is lost while running, ends it with a one-line
+error and a non-zero exit code; its workers never outlive it (`ciphertwin.workers`).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
-from typing import Any
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
 
 from ciphertwin.errors import ValidationError
+
+if TYPE_CHECKING:
+    from ciphertwin.config.settings import Deployment
+    from ciphertwin.crypto.signing import VerifyKey
 
 
 def register(subparsers: Any) -> None:
@@ -30,27 +37,35 @@ async def _run(args: argparse.Namespace) -> int:
     import os
 
     from ciphertwin.agents.operator_cli import pinned_operator
-    from ciphertwin.bus.client import BusClient
-    from ciphertwin.cloud_twin.reencryption import ReencryptionPool
-    from ciphertwin.cloud_twin.service import CloudTwin
-    from ciphertwin.cloud_twin.store import open_store
     from ciphertwin.config.settings import load_deployment
+    from ciphertwin.lifecycle import run_until_signalled
 
     deployment = load_deployment(args.config)
     operator = pinned_operator(args.operator_key, deployment)
     password = os.environ.get(args.password_env)
     if not deployment.broker.open and not password:
         raise ValidationError(f"set {args.password_env} to the cloud's broker password")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    bus = BusClient.for_deployment(deployment, username=args.name, password=password)
+    return await run_until_signalled(_serve(args, deployment, operator, password), name="cloud")
+
+
+async def _serve(args: argparse.Namespace, deployment: Deployment, operator: VerifyKey,
+                 password: str | None) -> None:
+    """Run until cancelled; ends with StoreUnavailable if the store is lost meanwhile."""
+    from ciphertwin.bus.client import BusClient
+    from ciphertwin.cloud_twin.reencryption import ReencryptionPool
+    from ciphertwin.cloud_twin.service import CloudTwin
+    from ciphertwin.cloud_twin.store import open_store
+    from ciphertwin.cloud_twin.store_watch import watch_store
+
     store = open_store(deployment.storage)
-    async with bus, CloudTwin(bus, store, pool=ReencryptionPool(args.workers or None),
-                              operator=operator):
+    async with AsyncExitStack() as stack:
+        await store.open()  # first: a store that cannot open fails now, broker or not
+        stack.push_async_callback(store.close)
+        bus = await stack.enter_async_context(
+            BusClient.for_deployment(deployment, username=args.name, password=password))
+        await stack.enter_async_context(CloudTwin(
+            bus, store, pool=ReencryptionPool(args.workers or None), operator=operator))
         where = (deployment.storage.sqlite_path if deployment.storage.backend == "sqlite"
                  else "postgresql")
         print(f"cloud twin running (store: {where}); Ctrl-C stops", flush=True)
-        await stop.wait()
-    return 0
+        await watch_store(store)
