@@ -152,3 +152,30 @@ async def test_a_failing_send_task_is_logged_and_restarted(tmp_path: Path) -> No
         assert [(e["task"], e["restarting"]) for e in failed] == [("device:send", True)]
         assert "disk I/O error" in failed[0]["error"] and failed[0]["exc_info"]
         assert await r.stored_seqs() == list(range(1, a.produced + 1))
+
+
+async def test_a_failing_ingest_stage_is_logged_and_restarted(tmp_path: Path) -> None:
+    """The cloud's ingest stages run as tasks of the pipeline: a stage that fails (a bug, a
+    dead executor) is logged and restarted; the device resends the batch it lost."""
+    async with rig(tmp_path) as r:
+        a, ingest = r.agent, r.cloud.ingest
+        real_prepare = ingest.prepare
+        failures = [RuntimeError("injected stage failure")]
+
+        def failing_prepare(batch: list[tuple[str, bytes]]):  # noqa: ANN202
+            if failures:
+                raise failures.pop()
+            return real_prepare(batch)
+
+        with capture_logs() as logs:
+            await r.until(lambda: a.acknowledged >= 10, 10, "streaming")
+            ingest.prepare = failing_prepare  # type: ignore[method-assign]
+            await r.until(lambda: not failures, 5, "the injected failure happened")
+            acked = a.acknowledged
+            await r.until(lambda: a.acknowledged > acked + 10, 10, "ingest after the failure")
+            r.producing.clear()
+            assert await a.drained(20)
+        failed = [e for e in logs if e["event"] == "task.failed"]
+        assert [(e["task"], e["error"]) for e in failed] == [
+            ("ingest:prepare", "RuntimeError: injected stage failure")]
+        assert await r.stored_seqs() == list(range(1, a.produced + 1))
