@@ -130,7 +130,8 @@ async def test_device_resumes_within_5_s_after_an_outage_longer_than_its_publish
             drained = time.monotonic() - t0
         seqs = await r.stored_seqs()
         print(f"\noutage {3 * PUBLISH_TIMEOUT:.0f} s: first ack {resumed:.2f} s after the broker "
-              f"returned; {a.produced} items, {len(seqs)} stored; drained {drained:.2f} s after the producer stopped")
+              f"returned; {a.produced} items, {len(seqs)} stored; drained {drained:.2f} s "
+              "after the producer stopped")
         assert resumed <= RESUME_BOUND
         assert seqs == list(range(1, a.produced + 1)), "every item stored exactly once"
         assert a.acknowledged == a.produced
