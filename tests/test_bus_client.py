@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import secrets
 import shutil
 import signal
 import socket
@@ -133,12 +134,15 @@ async def _throughput(port: int, n: int) -> float:
         if got == n:
             done.set()
 
-    async with client(port, f"tp-sub-{port}") as sub, client(port, f"tp-pub-{port}") as pub:
-        await sub.subscribe(f"{T}/tp/{port}", count)
+    # ids and topic unique per run: other test runs may share the system Mosquitto
+    run = secrets.token_hex(4)
+    topic = f"{T}/tp/{run}"
+    async with client(port, f"tp-sub-{run}") as sub, client(port, f"tp-pub-{run}") as pub:
+        await sub.subscribe(topic, count)
         payload = b"x" * 256
         t0 = time.perf_counter()
         for start in range(0, n, 100):  # keep at most 100 unacknowledged (broker queue limits)
-            await asyncio.gather(*(pub.publish(f"{T}/tp/{port}", payload)
+            await asyncio.gather(*(pub.publish(topic, payload)
                                    for _ in range(min(100, n - start))))
         rate = n / (time.perf_counter() - t0)
         await asyncio.wait_for(done.wait(), 20)
