@@ -288,6 +288,24 @@ class Counts:
                 "per_device": {d: vars(c) for d, c in self.devices.items()}}
 
 
+def problems(counts: Counts, *, max_dropped_at_source: int = 0) -> list[str]:
+    """What is wrong with a run's counts (empty: nothing lost, nothing twice)."""
+    out = []
+    for d, c in counts.devices.items():
+        if c.lost:
+            out.append(f"{d}: {c.lost} item(s) lost ({c})")
+        if c.duplicated:
+            out.append(f"{d}: {c.duplicated} duplicate(s) ({c})")
+        if c.unknown:
+            out.append(f"{d}: {c.unknown} readable item(s) no sensor produced ({c})")
+        if c.pending or c.stored != c.committed or c.readable != c.committed:
+            out.append(f"{d}: committed/stored/readable/pending disagree ({c})")
+    if counts.total("dropped_at_source") > max_dropped_at_source:
+        out.append(f"{counts.total('dropped_at_source')} reading(s) dropped between sensor and "
+                   f"outbox (allowed {max_dropped_at_source})")
+    return out
+
+
 def sqlite_rows(path: Path, query: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
     """Run a read-only query on a live SQLite file (WAL: does not disturb the writer)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
@@ -376,8 +394,8 @@ credentials_file = "{self.root / 'var' / 'clients.json'}"
 operator_key = "{self.home / 'operator' / 'public.key'}"
 """)
 
-    def build(self, *, start_devices: bool = True) -> None:
-        """Create the deployment with the CLI and start broker, cloud and device agents."""
+    def prepare(self) -> None:
+        """Deployment file and the principals that exist before any service runs."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         self.store_dir.mkdir(exist_ok=True)
@@ -395,6 +413,10 @@ operator_key = "{self.home / 'operator' / 'public.key'}"
         self.broker = self._service("broker", argv, lambda s: port_open(self.port))
         self.cloud = self._service("cloud", self.cloud_argv(),
                                    lambda s: "cloud twin running" in s.output())
+
+    def build(self, *, start_devices: bool = True) -> None:
+        """Create the deployment with the CLI and start broker, cloud and device agents."""
+        self.prepare()
         self.broker.start()
         self.cloud.start()
         self.cli("owner", "register", "--name", OWNER)
@@ -567,6 +589,13 @@ operator_key = "{self.home / 'operator' / 'public.key'}"
                 dropped_at_source=dropped, unknown=len(set(counters) - gen))
         return Counts(result)
 
+    def stream(self, seconds: float, every: float = 0.5) -> None:
+        """Let the devices stream for ``seconds``, sampling memory meanwhile."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.sample_rss()
+            time.sleep(min(every, left))
+
     # -- processes --------------------------------------------------------------------
     def sample_rss(self) -> None:
         for s in self.services:
@@ -594,7 +623,7 @@ operator_key = "{self.home / 'operator' / 'public.key'}"
                 continue
             st = _stat(pid)
             cmd = _cmdline(pid)
-            if st and (st[2] in sids or str(self.root) in cmd):
+            if st and (st[2] in sids or f"{self.root}/" in cmd):
                 out.append(f"{pid} (ppid {st[1]}, sid {st[2]}) {cmd[:200]}")
         return out
 
@@ -625,7 +654,7 @@ operator_key = "{self.home / 'operator' / 'public.key'}"
         for s in self.services:
             s.cleanup()
         for pid in live_processes():  # anything with our folder in its command line
-            if pid != os.getpid() and str(self.root) in _cmdline(pid):
+            if pid != os.getpid() and f"{self.root}/" in _cmdline(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -643,3 +672,79 @@ operator_key = "{self.home / 'operator' / 'public.key'}"
                 if obj.get("event") == event:
                     out.append(obj)
         return out
+
+
+# --------------------------------------------------------------------------- stalled client
+
+
+def _mqtt_string(s: str) -> bytes:
+    data = s.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _mqtt_packet(first: int, body: bytes) -> bytes:
+    n, length = len(body), bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        length.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes([first]) + bytes(length) + body
+
+
+def stalled_subscriber(lab: Lab, topic_filter: str, *, keepalive: int = 10,
+                       principal: str = OWNER) -> socket.socket:
+    """A raw MQTT 3.1.1 client of ``principal`` (its own broker login) that subscribes to
+    ``topic_filter`` and then never reads again (nor pings): what a hung or malicious
+    subscriber looks like to the broker. Its receive buffer is made small so the broker,
+    not the kernel, has to hold what it cannot deliver. Close the socket to end it."""
+    login = json.loads((lab.home / principal / "broker.secret").read_text())
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", lab.port))
+    body = (_mqtt_string("MQTT") + bytes([4, 0xC2]) + keepalive.to_bytes(2, "big")
+            + _mqtt_string(f"{principal}@stalled{secrets.token_hex(6)}")
+            + _mqtt_string(login["username"]) + _mqtt_string(login["password"]))
+    sock.sendall(_mqtt_packet(0x10, body))
+    connack = sock.recv(4)
+    if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
+        sock.close()
+        raise RuntimeError(f"stalled subscriber: CONNECT refused ({connack.hex()})")
+    sock.sendall(_mqtt_packet(0x82, (1).to_bytes(2, "big") + _mqtt_string(topic_filter)
+                              + bytes([1])))
+    return sock
+
+
+# --------------------------------------------------------------------------- scenarios
+
+RESUME_TARGET_S = 5.0  # a device sends again at most this long after the broker returns
+
+
+def utc_seconds(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def reconnect_delays(lab: Lab, after: float) -> dict[str, float | None]:
+    """Per device: seconds from ``after`` to its first ``bus.reconnected`` log line."""
+    out: dict[str, float | None] = {}
+    for name, dev in lab.devices.items():
+        times = [utc_seconds(e["timestamp"]) for e in lab.log_events(dev, "bus.reconnected")]
+        later = [t - after for t in times if t >= after]
+        out[name] = round(min(later), 3) if later else None
+    return out
+
+
+def still_sending(lab: Lab, window: float = 2.0) -> list[str]:
+    """Devices with nothing stored in the last ``window`` seconds (should be none)."""
+    since = time.time() - window
+    return [d for d in lab.device_names if lab.stored_count(d, since=since) == 0]
+
+
+def service_outage(lab: Lab, service: Service, seconds: float, *,
+                   resume_timeout: float = 20.0) -> tuple[float, dict[str, float]]:
+    """SIGKILL ``service``, restart it after ``seconds``, wait until every device has an
+    item stored again; returns (time it was back, per-device resume delay)."""
+    back = lab.outage(service, seconds)
+    return back, lab.wait_resumed(back, resume_timeout)
