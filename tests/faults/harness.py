@@ -691,12 +691,13 @@ def _mqtt_packet(first: int, body: bytes) -> bytes:
             return bytes([first]) + bytes(length) + body
 
 
-def stalled_subscriber(lab: Lab, topic_filter: str, *, keepalive: int = 10,
+def stalled_subscriber(lab: Lab, topic_filter: str, *, keepalive: int = 10, qos: int = 0,
                        principal: str = OWNER) -> socket.socket:
     """A raw MQTT 3.1.1 client of ``principal`` (its own broker login) that subscribes to
     ``topic_filter`` and then never reads again (nor pings): what a hung or malicious
     subscriber looks like to the broker. Its receive buffer is made small so the broker,
-    not the kernel, has to hold what it cannot deliver. Close the socket to end it."""
+    not the kernel, has to hold what it cannot deliver; QoS 0 (default) asks the broker to
+    write without waiting for acknowledgements. Close the socket to end it."""
     login = json.loads((lab.home / principal / "broker.secret").read_text())
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -711,7 +712,7 @@ def stalled_subscriber(lab: Lab, topic_filter: str, *, keepalive: int = 10,
         sock.close()
         raise RuntimeError(f"stalled subscriber: CONNECT refused ({connack.hex()})")
     sock.sendall(_mqtt_packet(0x82, (1).to_bytes(2, "big") + _mqtt_string(topic_filter)
-                              + bytes([1])))
+                              + bytes([qos])))
     return sock
 
 
