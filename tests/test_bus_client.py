@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -125,12 +134,15 @@ async def _throughput(port: int, n: int) -> float:
         if got == n:
             done.set()
 
-    async with client(port, f"tp-sub-{port}") as sub, client(port, f"tp-pub-{port}") as pub:
-        await sub.subscribe(f"{T}/tp/{port}", count)
+    # ids and topic unique per run: other test runs may share the system Mosquitto
+    run = secrets.token_hex(4)
+    topic = f"{T}/tp/{run}"
+    async with client(port, f"tp-sub-{run}") as sub, client(port, f"tp-pub-{run}") as pub:
+        await sub.subscribe(topic, count)
         payload = b"x" * 256
         t0 = time.perf_counter()
         for start in range(0, n, 100):  # keep at most 100 unacknowledged (broker queue limits)
-            await asyncio.gather(*(pub.publish(f"{T}/tp/{port}", payload)
+            await asyncio.gather(*(pub.publish(topic, payload)
                                    for _ in range(min(100, n - start))))
         rate = n / (time.perf_counter() - t0)
         await asyncio.wait_for(done.wait(), 20)
@@ -159,3 +171,89 @@ async def test_for_deployment_uses_broker_settings() -> None:
                                        "CIPHERTWIN_BROKER__PREFIX": "site/x"})
         async with BusClient.for_deployment(d, client_id="fd") as c:
             assert c.topics.prefix == "site/x" and c.port == b.port and c.connected
+
+
+# -- publishes cut by a dropped connection (a real Mosquitto process, paused and killed) ---
+MOSQUITTO_BIN = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+class MosquittoProcess:
+    """A Mosquitto of our own on a free port: started, paused (SIGSTOP: TCP still accepts
+    what we send, but nothing is acknowledged), killed (SIGKILL) and started again."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.conf = tmp_path / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                             "persistence false\nuser root\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([MOSQUITTO_BIN, "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "mosquitto exited at start"
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            time.sleep(0.05)
+        raise RuntimeError("mosquitto did not open its port")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def mosquitto_process(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    if not Path(MOSQUITTO_BIN).exists():
+        pytest.skip(f"the mosquitto binary is NOT installed ({MOSQUITTO_BIN})")
+    m = MosquittoProcess(tmp_path)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.kill()
+
+
+async def test_publish_in_flight_when_the_connection_drops_completes_after_reconnect(
+        mosquitto_process: MosquittoProcess) -> None:
+    """The PUBACK of a publish on a dead connection never comes (aiomqtt does not wake the
+    wait); the client must notice the drop, send it again on the new connection and return —
+    not sit out a deadline and then fail."""
+    m = mosquitto_process
+    async with client(m.port, "inflight-pub", publish_timeout=0.5) as pub:
+        await pub.publish(f"{T}/cut", b"warm-up")
+        m.signal(signal.SIGSTOP)
+        pending = asyncio.create_task(pub.publish(f"{T}/cut", b"in flight", timeout=30))
+        await asyncio.sleep(0.3)
+        assert not pending.done(), "the paused broker cannot have acknowledged it"
+        m.kill()
+        await wait_for(lambda: not pub.connected)
+        await asyncio.sleep(1.0)  # longer than publish_timeout: only the caller's timeout counts
+        m.start()
+        back = time.monotonic()
+        await asyncio.wait_for(pending, 5)
+        took = time.monotonic() - back
+        assert pub.reconnects == 1
+        print(f"\npublish cut by a broker kill completed {took:.2f} s after the broker returned")
+        # without a deadline a publish waits through any outage and goes through afterwards
+        m.kill()
+        untimed = asyncio.create_task(pub.publish(f"{T}/cut", b"after", timeout=math.inf))
+        await asyncio.sleep(1.0)
+        assert not untimed.done()
+        m.start()
+        await asyncio.wait_for(untimed, 5)
+
+
+def test_reconnect_attempts_stay_frequent_whatever_the_outage() -> None:
+    """A device must resume <= 5 s after the broker returns, however long it was away: the
+    back-off between attempts is capped well below that (jitter included)."""
+    c = BusClient("127.0.0.1", 1883, client_id="backoff")
+    assert max(c._backoff_delay(n) for n in range(60)) <= 2.0  # noqa: SLF001

@@ -5,11 +5,18 @@ outbox (with its sequence number inside the signed envelope) before it is publis
 leaves the outbox only when the cloud acknowledges that it committed it. Items in flight for
 longer than ``resend_after`` are published again — the cloud stores idempotently, so
 duplicates cost bandwidth, never correctness. This path imports no numpy (Raspberry Pi).
+
+Publishing has no deadline: during a broker outage the sender waits, and a publish cut by a
+dropped connection is sent again on the next one, so sending resumes as soon as the bus is
+back. The send and produce tasks run supervised (:mod:`ciphertwin.supervise`): a failure is
+logged and the task restarted, never a silently dead sender behind a filling outbox.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,9 +29,11 @@ from ciphertwin.agents.outbox import Outbox
 from ciphertwin.agents.sources import Reading, Source
 from ciphertwin.bus.client import BusClient
 from ciphertwin.bus.envelope import decode, max_size_of
+from ciphertwin.bus.errors import BusError
 from ciphertwin.crypto.epochs import DataKeyManager
 from ciphertwin.errors import CipherTwinError
 from ciphertwin.protocol.items import DeviceCredentials, build_item
+from ciphertwin.supervise import spawn
 
 log = structlog.get_logger(__name__)
 
@@ -95,15 +104,20 @@ class DeviceAgent:
 
     async def _send(self) -> None:
         loop = asyncio.get_running_loop()
+        self._inflight.clear()  # a (re)started sender sends every pending item again
+        self._sent_upto = 0
         while True:
             room = self.window - len(self._inflight)
             batch = await self.outbox.pending(room, self._sent_upto) if room > 0 else []
             for seq, payload in batch:
-                self._sent_upto = max(self._sent_upto, seq)
                 if seq in self._refused:
+                    self._sent_upto = max(self._sent_upto, seq)
                     continue
                 self._inflight[seq] = loop.time()
-                await self.bus.publish(self.bus.topics.twin_data(self.config.twin), payload)
+                if not await self._publish(seq, payload):
+                    self._inflight.pop(seq, None)
+                    break  # retried from this item on
+                self._sent_upto = max(self._sent_upto, seq)
             if batch:
                 continue
             self._wake.clear()
@@ -117,12 +131,25 @@ class DeviceAgent:
                 self._inflight.clear()
                 self._sent_upto = 0  # publish every pending item again, oldest first
 
+    async def _publish(self, seq: int, payload: bytes) -> bool:
+        """Publish one item, waiting through outages; False (logged, after a pause) if the
+        bus gave up anyway (closing, say): the caller retries from this item."""
+        try:
+            await self.bus.publish(self.bus.topics.twin_data(self.config.twin), payload,
+                                   timeout=math.inf)
+            return True
+        except BusError as exc:
+            log.warning("device.send_failed", device=self.config.device, seq=seq,
+                        error=f"{type(exc).__name__}: {exc}", retry_in=1.0)
+            await asyncio.sleep(1.0)
+            return False
+
     async def run(self, source: Source | None = None) -> None:
         """Subscribe to acks, send the outbox, and (if given) record the source's readings."""
         await self.bus.subscribe(self.bus.topics.ack(self.config.twin, self.config.device),
                                  self._on_ack, max_payload=max_size_of("ack"))
-        sender = asyncio.create_task(self._send(), name="device:send")
-        producer = asyncio.create_task(self._produce(source), name="device:produce") \
+        sender = spawn("device:send", self._send)
+        producer = spawn("device:produce", functools.partial(self._produce, source)) \
             if source is not None else None
         try:
             await self._stopping.wait()

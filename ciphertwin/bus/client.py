@@ -35,13 +35,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import random
 import secrets
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiomqtt
 import structlog
@@ -61,6 +62,8 @@ if TYPE_CHECKING:
     from ciphertwin.config.settings import Deployment
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 Handler = Callable[[str, bytes, bool], Awaitable[None]]
 """handler(topic, payload, retain) — called once per delivered message."""
@@ -160,6 +163,26 @@ class _Subscription:
     """Messages dropped since the queue last had room (logged when it has room again)."""
 
 
+class _ConnectionLost(Exception):
+    """The connection an operation was waiting on dropped (internal: the operation is retried
+    on the next connection)."""
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Done-callback of an abandoned operation: collect its outcome (no "never retrieved")."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _on_disconnect(client: aiomqtt.Client, lost: asyncio.Future[None]) -> None:
+    """Resolve ``lost`` the moment aiomqtt learns the connection dropped (its internal
+    ``_disconnected`` future), before the supervisor's message loop ends; left alone if the
+    library internals are not as expected (the supervisor resolves ``lost`` then)."""
+    disconnected = getattr(client, "_disconnected", None)
+    if isinstance(disconnected, asyncio.Future):
+        disconnected.add_done_callback(lambda _: None if lost.done() else lost.set_result(None))
+
+
 def _check_topic(topic: object) -> str:
     if not isinstance(topic, str) or not topic or "+" in topic or "#" in topic:
         raise ValidationError(f"invalid publish topic {topic!r}: non-empty, no wildcards")
@@ -202,7 +225,7 @@ class BusClient:
         connect_timeout: float = 30.0,
         publish_timeout: float = 10.0,
         backoff_initial: float = 0.1,
-        backoff_max: float = 10.0,
+        backoff_max: float = 2.0,
         max_inflight: int = 200,
         queue_size: int = 10_000,
         queue_bytes: int = _QUEUE_BYTES,
@@ -210,7 +233,12 @@ class BusClient:
         """``client_id`` None (the default): :func:`unique_client_id` of ``username``.
         ``queue_size``: backlog of one subscription above which ``bus.backlog`` is logged;
         ``queue_bytes``: bytes one subscription's queue may hold, beyond which messages are
-        dropped and logged (``bus.queue_full``)."""
+        dropped and logged (``bus.queue_full``).
+        ``publish_timeout``: how long ``publish``/``subscribe`` wait by default (through an
+        outage included) before raising BusUnavailable; ``math.inf`` waits for ever.
+        ``backoff_max``: the longest pause between reconnect attempts (jitter included);
+        2 s lets a device resume within a few seconds of the broker's return, however long
+        the outage was."""
         if client_id is None:
             client_id = unique_client_id(username)
         if not isinstance(host, str) or not host:
@@ -232,6 +260,8 @@ class BusClient:
         self.connect_timeout = connect_timeout
         self.publish_timeout = publish_timeout
         self._backoff = (backoff_initial, backoff_max)
+        self._op_timeout = min(publish_timeout, connect_timeout)
+        """Bound of the waits on one connection that have no caller's timeout (finite)."""
         self._max_inflight = max_inflight
         self._queue_size = queue_size
         self._queue_bytes = ByteBudget(queue_bytes).limit
@@ -241,6 +271,9 @@ class BusClient:
         self._routes: dict[str, tuple[_Subscription, ...]] = {}
         self._waiters: dict[str, asyncio.Future[bytes]] = {}
         self._client: aiomqtt.Client | None = None
+        self._lost: asyncio.Future[None] | None = None
+        """Resolved when ``_client``'s connection drops: wakes operations waiting on it (aiomqtt
+        never wakes the wait for the PUBACK of a publish cut by a disconnect)."""
         self._connected = asyncio.Event()
         self._first_connect: asyncio.Future[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -303,7 +336,7 @@ class BusClient:
         self._subs.clear()
         self._routes.clear()
         self._connected.clear()
-        self._client = None
+        self._client, self._lost = None, None
 
     @property
     def connected(self) -> bool:
@@ -348,17 +381,19 @@ class BusClient:
         self._subs[topic_filter] = sub
         self._routes.clear()
         try:
-            client = await self._wait_client(self.publish_timeout)
-            await self._subscribe_on(client, sub)
+            await self._until_done(functools.partial(self._subscribe_on, sub=sub),
+                                   self.publish_timeout, f"subscribe to {topic_filter!r}")
         except BaseException:
             self._drop_subscription(topic_filter)
             raise
 
     async def unsubscribe(self, topic_filter: str) -> None:
         """Forget a subscription (and tell the broker if connected)."""
-        if self._drop_subscription(topic_filter) and self._client is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await self._client.unsubscribe(topic_filter, timeout=self.publish_timeout)
+        client, lost = self._client, self._lost
+        if self._drop_subscription(topic_filter) and client is not None and lost is not None:
+            with contextlib.suppress(aiomqtt.MqttError, _ConnectionLost):
+                await self._unless_lost(client.unsubscribe(topic_filter, timeout=math.inf), lost,
+                                        asyncio.get_running_loop().time() + self._op_timeout)
 
     async def publish(
         self,
@@ -371,31 +406,23 @@ class BusClient:
     ) -> None:
         """Publish; for QoS >= 1 return once the broker acknowledged.
 
-        During an outage wait up to ``timeout`` (default ``publish_timeout``) for the
-        connection to come back, then raise BusUnavailable. A publish interrupted by a
-        disconnect is sent again after reconnecting (QoS 1 is at-least-once anyway).
+        Waits through outages: a publish whose connection drops before the broker
+        acknowledged it is sent again on the next connection (QoS 1 is at-least-once anyway).
+        ``timeout`` (default ``publish_timeout``; ``math.inf`` for none) bounds the whole
+        wait, reconnects included; past it BusUnavailable is raised.
         """
         _check_topic(topic)
         qos = _check_qos(qos)
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise ValidationError(f"payload must be bytes, got {type(payload).__name__}")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self.publish_timeout if timeout is None else timeout)
-        failed: aiomqtt.Client | None = None
-        while True:
-            client = await self._wait_client(deadline - loop.time(), not_this=failed)
-            try:
-                async with self._inflight:
-                    await client.publish(
-                        topic, bytes(payload), qos=qos, retain=retain,
-                        timeout=max(deadline - loop.time(), 0.001),
-                    )
-                return
-            except aiomqtt.MqttError as exc:
-                failed = client
-                if loop.time() >= deadline:
-                    raise BusUnavailable(f"publish to {topic!r} failed: {exc}") from exc
-                self._log.debug("bus.publish_retry", topic=topic, error=str(exc))
+        data = bytes(payload)
+
+        async def send(client: aiomqtt.Client) -> None:
+            async with self._inflight:
+                await client.publish(topic, data, qos=qos, retain=retain, timeout=math.inf)
+
+        await self._until_done(send, self.publish_timeout if timeout is None else timeout,
+                               f"publish to {topic!r}")
 
     async def request(
         self,
@@ -441,15 +468,56 @@ class BusClient:
             w.cancel()
         return True
 
+    async def _until_done(self, op: Callable[[aiomqtt.Client], Awaitable[T]], timeout: float,
+                          what: str) -> T:
+        """``op`` on the current connection; if that connection drops first, ``op`` again on
+        the next one. BusUnavailable once ``timeout`` seconds have passed (``math.inf``:
+        never)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        failed: aiomqtt.Client | None = None
+        while True:
+            client, lost = await self._wait_client(deadline - loop.time(), not_this=failed)
+            try:
+                return await self._unless_lost(op(client), lost, deadline)
+            except (aiomqtt.MqttError, _ConnectionLost) as exc:
+                failed = client
+                if loop.time() >= deadline:
+                    raise BusUnavailable(f"{what} failed: {exc}") from exc
+                self._log.debug("bus.retry", op=what, error=str(exc))
+
+    @staticmethod
+    async def _unless_lost(aw: Awaitable[T], lost: asyncio.Future[None], deadline: float) -> T:
+        """Await ``aw`` (an operation on one connection) unless that connection drops first
+        (_ConnectionLost) or ``deadline`` passes (MqttError): aiomqtt itself would wait for the
+        acknowledgement of an operation cut by a disconnect until its timeout."""
+        task = asyncio.ensure_future(aw)
+        try:
+            remaining = deadline - asyncio.get_running_loop().time()
+            await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED,
+                               timeout=None if remaining == math.inf else max(remaining, 0.0))
+            if task.done():
+                return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                task.add_done_callback(_retrieve)
+        if lost.done():
+            raise _ConnectionLost("connection lost before the broker acknowledged")
+        raise aiomqtt.MqttError("operation timed out")
+
     async def _wait_client(
         self, timeout: float, not_this: aiomqtt.Client | None = None
-    ) -> aiomqtt.Client:
+    ) -> tuple[aiomqtt.Client, asyncio.Future[None]]:
+        """The current connection (its client and its "lost" future), waiting up to
+        ``timeout`` seconds for one other than ``not_this``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout, 0.0)
         while True:
-            client = self._client
-            if self._connected.is_set() and client is not None and client is not not_this:
-                return client
+            client, lost = self._client, self._lost
+            if (self._connected.is_set() and client is not None and client is not not_this
+                    and lost is not None and not lost.done()):
+                return client, lost
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise BusUnavailable(
@@ -459,11 +527,12 @@ class BusClient:
                 raise BusError("BusClient is not running (use 'async with')")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), min(remaining, 0.05))
-            if self._connected.is_set() and self._client is not_this:
+            if self._connected.is_set() and (self._client is not_this or
+                                             (self._lost is not None and self._lost.done())):
                 await asyncio.sleep(0.01)  # supervisor has not noticed the drop yet
 
     async def _subscribe_on(self, client: aiomqtt.Client, sub: _Subscription) -> None:
-        result = await client.subscribe(sub.filter, qos=sub.qos, timeout=self.publish_timeout)
+        result = await client.subscribe(sub.filter, qos=sub.qos, timeout=math.inf)
         codes = [getattr(c, "value", c) for c in result]
         if any(c >= _SUBACK_FAILURE for c in codes):
             raise SubscriptionDenied(f"broker refused subscription to {sub.filter!r}")
@@ -479,7 +548,7 @@ class BusClient:
             clean_session=self._clean_session,
             tls_context=self._tls_context,
             max_inflight_messages=self._max_inflight,
-            timeout=self.publish_timeout,
+            timeout=self._op_timeout,  # connecting, disconnecting
             queue_type=functools.partial(_Inbox, self._deliver),  # type: ignore[arg-type]
         )
         _tune_socket(client)
@@ -498,15 +567,20 @@ class BusClient:
         loop = asyncio.get_running_loop()
         while True:
             client = self._new_client()
+            lost: asyncio.Future[None] = loop.create_future()
             since: float | None = None
             try:
                 async with client:
+                    _on_disconnect(client, lost)
                     for sub in list(self._subs.values()):
                         try:
-                            await self._subscribe_on(client, sub)
+                            await self._unless_lost(self._subscribe_on(client, sub), lost,
+                                                    loop.time() + self._op_timeout)
                         except SubscriptionDenied as exc:
                             self._log.error("bus.resubscribe_denied", error=str(exc))
-                    self._client = client
+                        except _ConnectionLost as exc:
+                            raise aiomqtt.MqttError("connection lost while resubscribing") from exc
+                    self._client, self._lost = client, lost
                     self._connected.set()
                     since = loop.time()
                     attempt = 0
@@ -535,8 +609,10 @@ class BusClient:
                 self._log.error("bus.supervisor_error", error=f"{type(exc).__name__}: {exc}",
                                 exc_info=True)
             finally:
+                if not lost.done():
+                    lost.set_result(None)  # wakes every operation waiting on this connection
                 self._connected.clear()
-                self._client = None
+                self._client, self._lost = None, None
             await asyncio.sleep(self._backoff_delay(attempt))
             attempt += 1
 

@@ -35,6 +35,7 @@ refused but left for a resend (unless their own device sent the refused capsule)
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,7 @@ from ciphertwin.crypto.kpcpre import Capsule
 from ciphertwin.crypto.signing import VerifyKey
 from ciphertwin.errors import ValidationError
 from ciphertwin.protocol.items import decode_item, verify_item_signature
+from ciphertwin.supervise import spawn
 
 log = structlog.get_logger(__name__)
 
@@ -301,8 +303,8 @@ class IngestPipeline:
         hand-over queues are short, so work never piles up between stages.
         """
         prepared: asyncio.Queue[Prepared] = asyncio.Queue(1)
-        helpers = [asyncio.create_task(self._prepare_forever(prepared), name="ingest:prepare"),
-                   asyncio.create_task(self._finish_forever(), name="ingest:finish")]
+        helpers = [spawn("ingest:prepare", functools.partial(self._prepare_forever, prepared)),
+                   spawn("ingest:finish", self._finish_forever)]  # a stage never dies silently
         try:
             while True:
                 batch = await prepared.get()

@@ -54,6 +54,7 @@ from ciphertwin.protocol.jobs import (
     verify_status,
 )
 from ciphertwin.protocol.roster_trust import NO_OPERATOR_KEY, RosterHistory
+from ciphertwin.supervise import spawn
 
 if TYPE_CHECKING:
     from ciphertwin.cloud_twin.service import CloudTwin
@@ -136,7 +137,7 @@ class JobManager:
         await bus.subscribe(t.config_nodes(), self._on_roster)
         await bus.subscribe(t.job_submit(), self._on_submit)
         await bus.subscribe(t.filter("job_status"), self._on_status)
-        self._task = asyncio.create_task(self._worker(), name="cloud:jobs")
+        self._task = spawn("cloud:jobs", self._worker)  # logged + restarted
 
     async def stop(self) -> None:
         if self._task is not None:

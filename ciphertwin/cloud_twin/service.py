@@ -38,6 +38,7 @@ from ciphertwin.crypto.signing import VerifyKey
 from ciphertwin.errors import ValidationError
 from ciphertwin.protocol.control import control_request_id, verify_control
 from ciphertwin.protocol.kinds import CONTROL_KINDS
+from ciphertwin.supervise import spawn
 
 log = structlog.get_logger(__name__)
 
@@ -76,7 +77,7 @@ class CloudTwin:
         await self.store.open()
         await self.trust.load()
         await self.grants.load()
-        self._tasks.append(asyncio.create_task(self.ingest.run(), name="cloud:ingest"))
+        self._tasks.append(spawn("cloud:ingest", self.ingest.run))  # logged + restarted
         t = self.topics
         # each topic's kinds bound its payloads: larger ones are dropped before queueing
         await self.bus.subscribe(t.filter("twin_data"), self._on_data,

@@ -44,6 +44,7 @@ the bus (a broker, another node principal) can therefore no longer abort running
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
@@ -79,6 +80,7 @@ from ciphertwin.protocol.jobs import (
 )
 from ciphertwin.protocol.roster_trust import RosterHistory
 from ciphertwin.protocol.share_open import OpenedColumns, open_share_batch
+from ciphertwin.supervise import spawn
 
 log = structlog.get_logger(__name__)
 
@@ -329,6 +331,11 @@ class ProcessingNode:
             self.refused[job] = reason
             log.warning("node.job_failed", node=self.name, job=job, reason=reason)
             await self._status(job, "failed", reason=reason)
+        except Exception as exc:  # a bug: logged, and the peers and the cloud told
+            reason = f"node {self.name}: internal error ({type(exc).__name__})"
+            self.refused[job] = reason
+            log.exception("node.job_crashed", node=self.name, job=job)
+            await self._status(job, "failed", reason=reason)
         finally:
             if began:
                 self.ledger.end(job, state)
@@ -538,7 +545,8 @@ class ProcessingNode:
             run = await self._wait_peers(job, checked.roster, nonce)
             transport.set_run(run)
             party = Party(self.identity.index, job, transport, *transport.secrets(), run=run)
-            watcher = asyncio.create_task(self._watch_rounds(job, party, rounds))
+            watcher = spawn(f"node:{job}:progress",
+                            functools.partial(self._watch_rounds, job, party, rounds))
             try:
                 shared = await load_inputs(party, env["function"], params, inputs)
                 share = await run_function(party, env["function"], params, shared)

@@ -1,0 +1,182 @@
+"""Issue 9, finding 1: a device keeps sending through a broker outage longer than its
+publish timeout and through a failure of its own send task — a real DeviceAgent, outbox,
+cloud (SQLite) and embedded broker, stopped and started on the same port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from ciphertwin.agents.bundle import BrokerConnection, enroll_from_bundle, load_enrolled_device
+from ciphertwin.agents.device import DeviceAgent
+from ciphertwin.agents.identity import Identity
+from ciphertwin.agents.outbox import Outbox
+from ciphertwin.agents.owner import OwnerAgent
+from ciphertwin.agents.sources import Reading
+from ciphertwin.broker.embedded import EmbeddedBroker, free_port
+from ciphertwin.bus.client import BusClient
+from ciphertwin.cloud_twin.reencryption import ReencryptionPool
+from ciphertwin.cloud_twin.service import CloudTwin
+from ciphertwin.cloud_twin.store import SqliteTwinStore
+
+PUBLISH_TIMEOUT = 1.0
+RESUME_BOUND = 5.0
+
+
+class FlakyOutbox(Outbox):
+    """A real outbox whose next ``fail`` reads of pending items fail (a disk error, say)."""
+
+    fail = 0
+
+    async def pending(self, limit: int = 100, after: int = 0) -> list[tuple[int, bytes]]:
+        if self.fail:
+            self.fail -= 1
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        return await super().pending(limit, after)
+
+
+@dataclass
+class Rig:
+    broker: EmbeddedBroker
+    cloud: CloudTwin
+    agent: DeviceAgent
+    outbox: FlakyOutbox
+    producing: asyncio.Event
+
+    async def until(self, cond: Callable[[], bool], timeout: float, what: str) -> float:
+        """Seconds until ``cond()`` holds (fails the test after ``timeout``)."""
+        t0 = time.monotonic()
+        while not cond():
+            assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout} s"
+            await asyncio.sleep(0.02)
+        return time.monotonic() - t0
+
+    async def stored_seqs(self) -> list[int]:
+        return sorted(e.seq for e in await self.cloud.store.history("t1", limit=100_000))
+
+
+async def _readings(producing: asyncio.Event) -> AsyncIterator[Reading]:
+    """A sensor read every 20 ms while ``producing`` is set (then it runs out)."""
+    i = 0
+    while producing.is_set():
+        yield Reading("temperature", {"c": i}, time.time())
+        i += 1
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    port = free_port()
+    prefix = f"ct-outage-{secrets.token_hex(3)}/v1"
+    broker = EmbeddedBroker(port=port)
+    await broker.start()
+
+    def bus(name: str, **kw: float) -> BusClient:
+        return BusClient("127.0.0.1", port, client_id=f"{name}-{secrets.token_hex(3)}",
+                         prefix=prefix, connect_timeout=5, **kw)  # type: ignore[arg-type]
+
+    alice = Identity.generate("alice", "owner")
+    try:
+        async with bus("alice") as alice_bus, bus("cloud") as cloud_bus, \
+                CloudTwin(cloud_bus, SqliteTwinStore(tmp_path / "cloud.db"),
+                          pool=ReencryptionPool(1, processes=False)) as cloud, \
+                bus("d1", publish_timeout=PUBLISH_TIMEOUT) as dev_bus:
+            owner = OwnerAgent(alice, alice_bus)
+            await owner.register()
+            bundle = owner.enroll_device(
+                "t1", "d1", BrokerConnection("127.0.0.1", port, "d1", "x", prefix))
+            enroll_from_bundle(bundle, tmp_path / "d1")
+            config = load_enrolled_device(tmp_path / "d1")
+            async with FlakyOutbox(tmp_path / "d1" / "outbox.db") as outbox:
+                agent = DeviceAgent(config, dev_bus, outbox, resend_after=1.0)
+                producing = asyncio.Event()
+                producing.set()
+                runner = asyncio.create_task(agent.run(_readings(producing)))
+                try:
+                    yield Rig(broker, cloud, agent, outbox, producing)
+                finally:
+                    agent.stop()
+                    await asyncio.wait_for(runner, 10)
+    finally:
+        await broker.stop()
+
+
+async def test_device_resumes_within_5_s_after_an_outage_longer_than_its_publish_timeout(
+        tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        a = r.agent
+        with capture_logs() as logs:
+            await r.until(lambda: a.acknowledged >= 20, 10, "streaming before the outage")
+            await r.broker.stop()
+            produced_at_stop = a.produced
+            await asyncio.sleep(3 * PUBLISH_TIMEOUT)
+            assert a.produced > produced_at_stop + 50, "the producer kept filling the outbox"
+            acked_at_return = a.acknowledged
+            await r.broker.start()
+            resumed = await r.until(lambda: a.acknowledged > acked_at_return, 15,
+                                    "device resumed sending")
+            await asyncio.sleep(1.0)  # and goes on streaming
+            r.producing.clear()
+            t0 = time.monotonic()
+            assert await a.drained(20), "outbox did not drain after the outage"
+            drained = time.monotonic() - t0
+        seqs = await r.stored_seqs()
+        print(f"\noutage {3 * PUBLISH_TIMEOUT:.0f} s: first ack {resumed:.2f} s after the broker "
+              f"returned; {a.produced} items, {len(seqs)} stored; drained {drained:.2f} s "
+              "after the producer stopped")
+        assert resumed <= RESUME_BOUND
+        assert seqs == list(range(1, a.produced + 1)), "every item stored exactly once"
+        assert a.acknowledged == a.produced
+        assert not [e for e in logs if e["event"] == "task.failed"]
+
+
+async def test_a_failing_send_task_is_logged_and_restarted(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        a = r.agent
+        with capture_logs() as logs:
+            await r.until(lambda: a.acknowledged >= 10, 10, "streaming")
+            r.outbox.fail = 1
+            await r.until(lambda: r.outbox.fail == 0, 5, "the injected failure happened")
+            acked = a.acknowledged
+            await r.until(lambda: a.acknowledged > acked + 10, 10, "sending after the failure")
+            r.producing.clear()
+            assert await a.drained(20)
+        failed = [e for e in logs if e["event"] == "task.failed"]
+        assert [(e["task"], e["restarting"]) for e in failed] == [("device:send", True)]
+        assert "disk I/O error" in failed[0]["error"] and failed[0]["exc_info"]
+        assert await r.stored_seqs() == list(range(1, a.produced + 1))
+
+
+async def test_a_failing_ingest_stage_is_logged_and_restarted(tmp_path: Path) -> None:
+    """The cloud's ingest stages run as tasks of the pipeline: a stage that fails (a bug, a
+    dead executor) is logged and restarted; the device resends the batch it lost."""
+    async with rig(tmp_path) as r:
+        a, ingest = r.agent, r.cloud.ingest
+        real_prepare = ingest.prepare
+        failures = [RuntimeError("injected stage failure")]
+
+        def failing_prepare(batch: list[tuple[str, bytes]]):  # noqa: ANN202
+            if failures:
+                raise failures.pop()
+            return real_prepare(batch)
+
+        with capture_logs() as logs:
+            await r.until(lambda: a.acknowledged >= 10, 10, "streaming")
+            ingest.prepare = failing_prepare  # type: ignore[method-assign]
+            await r.until(lambda: not failures, 5, "the injected failure happened")
+            acked = a.acknowledged
+            await r.until(lambda: a.acknowledged > acked + 10, 10, "ingest after the failure")
+            r.producing.clear()
+            assert await a.drained(20)
+        failed = [e for e in logs if e["event"] == "task.failed"]
+        assert [(e["task"], e["error"]) for e in failed] == [
+            ("ingest:prepare", "RuntimeError: injected stage failure")]
+        assert await r.stored_seqs() == list(range(1, a.produced + 1))
