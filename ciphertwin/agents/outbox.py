@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from ciphertwin.bus.envelope import STORED_INT
 from ciphertwin.errors import CipherTwinError, ValidationError
 
 log = structlog.get_logger(__name__)
@@ -40,6 +41,9 @@ T = TypeVar("T")
 Build = Callable[[int], bytes | Awaitable[bytes]]
 
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+MAX_SEQ = STORED_INT.hi - 1
+"""The last seq handed out: ``next_seq`` (one more) must still fit SQLite's INTEGER, and the
+cloud refuses seqs its stores cannot hold."""
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox_meta (
@@ -63,9 +67,14 @@ class OutboxFull(OutboxError):
     """`max_items` items are waiting for acknowledgement; the caller decides what to drop."""
 
 
+class SequenceExhausted(OutboxError):
+    """Every seq up to MAX_SEQ is used: this device identity can send nothing more (a new
+    device name starts a new sequence)."""
+
+
 def _check_seq(seq: object) -> int:
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-        raise ValidationError("sequence numbers are positive integers")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= STORED_INT.hi:
+        raise ValidationError(f"sequence numbers are integers from 1 to {STORED_INT.hi}")
     return seq
 
 
@@ -183,6 +192,8 @@ class Outbox:
             if self.max_items is not None and self._count >= self.max_items:
                 raise OutboxFull(f"outbox holds {self._count} unacknowledged items")
             seq = self._next_seq
+            if seq > MAX_SEQ:
+                raise SequenceExhausted(f"outbox {self.path}: every sequence number is used")
             if callable(payload):
                 built = payload(seq)
                 data = await built if inspect.isawaitable(built) else built

@@ -34,6 +34,11 @@ log = structlog.get_logger(__name__)
 _UNREADABLE = (ValidationError, DecryptionFailed, KeyMismatch, SignatureInvalid, TokenRejected)
 
 
+class HistoryUnavailable(CipherTwinError):
+    """The cloud answered a history query with an error: the query was refused (its reason
+    says why) or the cloud's store failed (asking again later may work)."""
+
+
 class TwinReader:
     """Opens items for one principal (``name`` on the bus, ``pre`` its PRE key pair).
 
@@ -109,6 +114,8 @@ class TwinReader:
                 self.bus.topics.replies(self.name, request_id), timeout=timeout,
             )
             env = decode(reply, "history_reply")
+            if "error" in env.body:
+                raise HistoryUnavailable(f"history of {twin!r}: {env['error']}")
             for entry in env["items"]:
                 opened = self.try_open(entry["item"], entry["key"])
                 if opened is not None:

@@ -16,7 +16,12 @@ genuine message as a conflict.
 Schemas are declarative: one :func:`register_kind` call (one line per kind) declares the
 fields of a message kind and its size limit::
 
-    register_kind("ack", {"twin": ID, "device": ID, "seq": U64})
+    register_kind("ack", {"twin": ID, "device": ID, "seq": STORED_INT})
+
+Numbers are bounded by what may be done with them: every integer that can reach a store (a
+seq, a limit, a count, a version) is a :data:`STORED_INT` — what SQLite's INTEGER and
+PostgreSQL's BIGINT hold — and every time a :data:`TIME`. Out of range is refused here, with
+a reason, and never reaches a store: there it would fail a whole batch or a query.
 
 Wire form: a msgpack map ``{"t": kind, "v": version, **fields}`` with sorted keys (in
 nested maps too), each value in msgpack's shortest encoding, floats as float64 — exactly
@@ -124,15 +129,31 @@ class Int(Spec):
         return None
 
 
+EXACT_INT = 2**53
+"""The largest integer a float64 holds exactly (and every smaller one)."""
+
+
 @dataclass(frozen=True)
 class Float(Spec):
-    """Finite float (ints are accepted and are exact)."""
+    """Finite float within ``lo``..``hi``.
+
+    An int stands for a float only where a float holds it exactly (``|n| <= 2**53``): a
+    signed body keeps the sender's int (re-encoding it as a float would break the signature),
+    so without this bound a huge int would reach a REAL/DOUBLE column or float arithmetic."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
 
     def check(self, value: Any) -> str | None:
-        if type(value) not in (float, int):
+        if type(value) is int:
+            if abs(value) > EXACT_INT:
+                return "int too large for a float (|n| > 2**53)"
+        elif type(value) is not float:
             return f"expected float, got {type(value).__name__}"
-        if not math.isfinite(value):
+        elif not math.isfinite(value):
             return "not finite"
+        if not self.lo <= value <= self.hi:
+            return f"out of range [{self.lo:g}, {self.hi:g}]"
         return None
 
 
@@ -236,10 +257,16 @@ class Opt(Spec):
 # Handy constants for schemas.
 ID = Ident()
 U64 = Int(0, 2**64 - 1)
+"""Not for anything that may be stored: SQLite and PostgreSQL hold signed 64-bit integers."""
 I64 = Int(-(2**63), 2**63 - 1)
+STORED_INT = Int(0, 2**63 - 1)
+"""A seq, limit, count or version: what SQLite INTEGER and PostgreSQL BIGINT hold."""
 U32 = Int(0, 2**32 - 1)
 BOOL = Bool()
 FLOAT = Float()
+TIME = Float(0.0, 1e12)
+"""A Unix time in seconds: 1970 up to 1e12 (the CLIs' "no upper bound"); anything else is a
+mistake or an attack, and would only ever match nothing."""
 SIG = Bytes(64, 64)  # Ed25519 signature
 KEY32 = Bytes(32, 32)  # Ed25519 / X25519 public key, AES-256 key id, etc.
 
@@ -445,6 +472,26 @@ def decode(
     if err:
         raise EnvelopeError(f"invalid {kind_name!r}: {err}")
     return Envelope(kind_name, version, msg, size)
+
+
+def salvage(payload: bytes, kind_name: str, field: str) -> Any | None:
+    """``field`` of a ``kind_name`` message that failed :func:`decode`, if it is present and
+    valid by itself (else None) — so a refused request can still be answered on its reply
+    topic instead of being left to time out. Never trust anything else of such a message."""
+    kind = get_kind(kind_name)
+    spec = kind.fields.get(field)
+    if spec is None or not isinstance(payload, bytes | bytearray | memoryview):
+        return None
+    if not 0 < len(payload) <= kind.max_size:
+        return None
+    try:
+        msg = _unpack(payload)
+    except Exception:  # noqa: BLE001 - garbage: nothing to salvage
+        return None
+    if not isinstance(msg, dict) or msg.get("t") != kind_name or field not in msg:
+        return None
+    value = msg[field]
+    return value if spec.check(value) is None else None
 
 
 def _not_canonical(kind_name: str) -> EnvelopeError:

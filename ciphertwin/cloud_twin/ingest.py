@@ -47,7 +47,7 @@ import structlog
 
 from ciphertwin.bus.budget import ByteBudget
 from ciphertwin.bus.envelope import Envelope, encode, unpack_checked
-from ciphertwin.cloud_twin.store import Outcome, StoredEnvelope, TwinStore
+from ciphertwin.cloud_twin.store import Outcome, StoredEnvelope, TwinStore, Unstorable
 from ciphertwin.cloud_twin.trust import Owner, Rejected, TrustRegistry
 from ciphertwin.crypto.errors import SignatureInvalid
 from ciphertwin.crypto.kpcpre import Capsule
@@ -441,7 +441,12 @@ class IngestPipeline:
         return good
 
     async def _store(self, good: list[Candidate], result: BatchResult) -> None:
-        """New capsules, then the envelopes in one commit; bind first-use names after it."""
+        """New capsules, then the envelopes in one commit; bind first-use names after it.
+
+        An envelope the database refuses (the store splits the batch to find it) is refused
+        to its device — it passed every check, so the device provably sent it; the rest is
+        stored. A failure of the store itself (``StoreUnavailable``) propagates: nothing of
+        the batch is acknowledged, and devices resend."""
         new_capsules = [
             (c.item["capsule_id"], c.item["twin"], c.attributes, c.capsule_bytes)
             for c in good if c.capsule_bytes is not None
@@ -457,6 +462,9 @@ class IngestPipeline:
         ])
         for c, outcome in zip(good, outcomes, strict=True):
             twin, device, seq = c.item["twin"], c.item["device"], c.item["seq"]
+            if isinstance(outcome, Unstorable):
+                self._refuse(c.item, twin, device, outcome.reason, result.refusals, notify=True)
+                continue
             if outcome is Outcome.CONFLICT:
                 self._refuse(c.item, twin, device, "another item is stored under this seq",
                              result.refusals, notify=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import structlog
 
 from ciphertwin.bus.client import BusClient
-from ciphertwin.bus.envelope import Envelope, decode, encode, max_size_of
+from ciphertwin.bus.envelope import Envelope, decode, encode, max_size_of, salvage
 from ciphertwin.bus.topics import Topics
 from ciphertwin.cloud_twin.grants import ActiveGrant, GrantBook
 from ciphertwin.cloud_twin.ingest import AcceptedItem, IngestPipeline
@@ -253,20 +253,37 @@ class CloudTwin:
 
     # -- queries ------------------------------------------------------------------------
     async def _on_query(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Answer every query whose reply topic is known — a refused query and a store
+        failure with an ``error`` (the asker learns why instead of timing out)."""
         asker = self.topics.parse(topic)["principal"]
         try:
             env = decode(payload, "history_query")
         except ValidationError as exc:
             log.warning("cloud.query_rejected", asker=asker, reason=str(exc))
+            request_id = salvage(payload, "history_query", "request_id")
+            if request_id is not None:
+                await self._history_reply(asker, {"request_id": request_id, "items": [],
+                                                  "error": f"query refused: {exc}"[:256]})
             return
         if self.jobs.is_node(asker):  # nodes get share items per job, under process tokens
             log.warning("cloud.query_rejected", asker=asker, reason="processing nodes have no history")
-            await self.bus.publish(self.topics.replies(asker, env["request_id"]), encode(
-                "history_reply", {"request_id": env["request_id"], "items": []}))
+            await self._history_reply(asker, {"request_id": env["request_id"], "items": []})
             return
+        try:
+            body = await self._history_page(asker, env)
+        except Exception as exc:  # noqa: BLE001 - answered: the store failed, not the asker
+            log.error("cloud.history_failed", asker=asker, twin=env["twin"],
+                      error=f"{type(exc).__name__}: {exc}"[:300])
+            body = {"request_id": env["request_id"], "items": [],
+                    "error": "history unavailable: the cloud's store failed (try again later)"}
+        await self._history_reply(asker, body)
+
+    async def _history_page(self, asker: str, env: Envelope) -> dict[str, object]:
+        """One page of a twin's history as ``asker`` may read it."""
         after = env.get("after")
+        limit = min(env["limit"], MAX_HISTORY_PAGE)
         rows = await self.store.history(
-            env["twin"], env["since"], env["until"], min(env["limit"], MAX_HISTORY_PAGE),
+            env["twin"], env["since"], env["until"], limit,
             (after["time"], after["device"], after["seq"]) if after else None,
         )
         keyed = await self.readable(asker, env["twin"], rows)
@@ -274,13 +291,16 @@ class CloudTwin:
             "request_id": env["request_id"],
             "items": [{"item": k.item.payload, "key": k.key} for k in keyed],
         }
-        if len(rows) == min(env["limit"], MAX_HISTORY_PAGE) and rows:
+        if len(rows) == limit and rows:
             last = rows[-1]
             body["more"] = {"time": last.item_time, "device": last.device, "seq": last.seq}
-        await self.bus.publish(self.topics.replies(asker, env["request_id"]),
-                               encode("history_reply", body))
         log.info("cloud.history_served", asker=asker, twin=env["twin"], items=len(keyed),
                  of=len(rows))
+        return body
+
+    async def _history_reply(self, asker: str, body: dict[str, object]) -> None:
+        await self.bus.publish(self.topics.replies(asker, str(body["request_id"])),
+                               encode("history_reply", body))
 
     async def readable(self, reader: str, twin: str,
                        rows: Sequence[StoredEnvelope]) -> list[Keyed]:

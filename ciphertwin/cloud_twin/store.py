@@ -8,20 +8,31 @@ Idempotence: an envelope is identified by (twin, device, seq) — device names a
 twin owner's to give, so they are unique only within a twin. Storing the same envelope twice is a
 no-op that still reports it as stored (so a replayed outbox gets its acknowledgement); storing
 a *different* envelope under an existing (twin, device, seq) is a conflict and is refused.
+
+One bad envelope never costs the others their place: when a batch fails, its halves are
+tried, down to the one envelope the database refuses, which alone is reported
+:class:`Unstorable` (final: its device is told). A failure of the store itself (disk full,
+locked, connection lost, schema gone) is not an envelope's fault: it raises
+:class:`StoreUnavailable`, nothing is acknowledged and devices resend.
 """
 
 from __future__ import annotations
 
 import abc
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 
 import aiosqlite
+import structlog
 
 from ciphertwin.config.settings import StorageSettings
+from ciphertwin.errors import CipherTwinError
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +94,33 @@ class Outcome(StrEnum):
     CONFLICT = "conflict"
 
 
+@dataclass(frozen=True, slots=True)
+class Unstorable:
+    """The database refused this one envelope (a value it cannot hold, a constraint) while
+    storing the rest of its batch: final for the envelope."""
+
+    reason: str
+
+
+Stored = Outcome | Unstorable
+
+
+class StoreUnavailable(CipherTwinError):
+    """The store failed for a reason of its own, not an envelope's: nothing is acknowledged."""
+
+
+class Fault(Enum):
+    """Whose fault a failed write is, as far as the database's error tells."""
+
+    ITEM = "item"  # a value or constraint of the rows written: bisect, refuse the one
+    STORE = "store"  # disk, lock, connection, schema: no envelope is to blame
+    UNKNOWN = "unknown"  # bisect, but blame no single envelope for it
+
+
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
 class TwinStore(abc.ABC):
     """What the cloud service needs from storage; SQLite by default."""
 
@@ -92,9 +130,44 @@ class TwinStore(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    async def append_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> list[Stored]:
+        """Commit a batch; per input NEW, DUPLICATE (identical bytes already stored), CONFLICT
+        or :class:`Unstorable`. Raises :class:`StoreUnavailable` when the store itself fails.
+
+        A failed batch is split in halves (and those again), so one bad envelope costs about
+        2·log2(n) smaller commits and is refused alone; a failure that is the store's stops
+        at once (a lock wait or a full disk would only repeat)."""
+        if not envelopes:
+            return []
+        try:
+            return list(await self._append(envelopes))
+        except Exception as exc:  # noqa: BLE001 - classified right here
+            fault = self._fault(exc)
+            if fault is Fault.STORE or (len(envelopes) == 1 and fault is Fault.UNKNOWN):
+                log.error("store.unavailable", envelopes=len(envelopes), fault=fault.value,
+                          error=_brief(exc))
+                raise StoreUnavailable(_brief(exc)) from exc
+            if len(envelopes) == 1:
+                e = envelopes[0]
+                log.warning("store.envelope_refused", twin=e.twin, device=e.device, seq=e.seq,
+                            error=_brief(exc))
+                return [Unstorable(f"the store refused it: {_brief(exc)}")]
+        mid = len(envelopes) // 2
+        return [*await self.append_envelopes(envelopes[:mid]),
+                *await self.append_envelopes(envelopes[mid:])]
+
     @abc.abstractmethod
-    async def append_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> list[Outcome]:
-        """Commit a batch; per input NEW, DUPLICATE (identical bytes already stored) or CONFLICT."""
+    async def _append(self, envelopes: Sequence[StoredEnvelope]) -> list[Outcome]:
+        """Commit the batch as a whole (or nothing of it: a failure leaves no row behind);
+        per input NEW, DUPLICATE or CONFLICT."""
+
+    def _fault(self, exc: Exception) -> Fault:
+        """Whose fault a failed ``_append`` is; backends know their drivers' errors."""
+        if isinstance(exc, OverflowError | UnicodeError):  # a value the driver cannot bind
+            return Fault.ITEM
+        if isinstance(exc, OSError | TimeoutError | RuntimeError):  # RuntimeError: not open
+            return Fault.STORE
+        return Fault.UNKNOWN
 
     @abc.abstractmethod
     async def put_capsules(self, rows: Sequence[tuple[bytes, str, tuple[str, ...], bytes]]) -> None:
@@ -231,18 +304,22 @@ class SqliteTwinStore(TwinStore):
             await self._db.close()
             self._db = None
 
-    async def append_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> list[Outcome]:
+    async def _append(self, envelopes: Sequence[StoredEnvelope]) -> list[Outcome]:
         now = time.time()
         before = self.db.total_changes
-        await self.db.executemany(
-            "INSERT OR IGNORE INTO envelopes VALUES (?,?,?,?,?,?,?,?)",
-            [
-                (e.device, e.seq, e.twin, e.capsule_id, _SEP.join(e.attributes), e.item_time,
-                 e.payload, now)
-                for e in envelopes
-            ],
-        )
-        await self.db.commit()
+        try:
+            await self.db.executemany(
+                "INSERT OR IGNORE INTO envelopes VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (e.device, e.seq, e.twin, e.capsule_id, _SEP.join(e.attributes),
+                     e.item_time, e.payload, now)
+                    for e in envelopes
+                ],
+            )
+            await self.db.commit()
+        except Exception:
+            await self._rollback()  # rows before the bad one must not ride on the next commit
+            raise
         if self.db.total_changes - before == len(envelopes):
             return [Outcome.NEW] * len(envelopes)  # every row was new: the common, fast path
         # Some were already there: tell identical duplicates (replays) from conflicts. Rows
@@ -261,6 +338,21 @@ class SqliteTwinStore(TwinStore):
                 outcome.append(Outcome.NEW)
             seen.add(key)
         return outcome
+
+    async def _rollback(self) -> None:
+        try:
+            await self.db.rollback()
+        except Exception as exc:  # noqa: BLE001 - the caller raises the original error
+            log.error("store.rollback_failed", error=_brief(exc))
+
+    def _fault(self, exc: Exception) -> Fault:
+        fault = super()._fault(exc)
+        if fault is Fault.UNKNOWN:
+            if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):  # constraint, size
+                return Fault.ITEM
+            if isinstance(exc, sqlite3.Error | ValueError):  # locked, full, I/O; ValueError:
+                return Fault.STORE  # aiosqlite's "no active connection"
+        return fault
 
     async def _stored_rows(
         self, keys: Sequence[tuple[str, str, int]]

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from ciphertwin.cloud_twin.store import (
+    Fault,
     Grant,
     Outcome,
     StoredEnvelope,
@@ -143,6 +144,18 @@ ON CONFLICT (capsule_id, grant_id) DO NOTHING
 """
 
 
+_STORE_ERRORS = (
+    asyncpg.PostgresConnectionError,  # 08: connection lost
+    asyncpg.InsufficientResourcesError,  # 53: disk full, out of memory, too many connections
+    asyncpg.OperatorInterventionError,  # 57: shutdown, cancelled
+    asyncpg.SyntaxOrAccessError,  # 42: table gone, privileges revoked
+    asyncpg.TransactionRollbackError,  # 40: deadlock, serialization (transient)
+    asyncpg.InvalidTransactionStateError,  # 25: read-only transaction (a standby)
+    asyncpg.InterfaceError,  # the pool is closing, the connection is broken
+)
+"""Errors that no envelope is to blame for: a batch failing with one is not split."""
+
+
 class PostgresTwinStore(TwinStore):
     """asyncpg connection pool over tables in one schema; safe for several cloud workers."""
 
@@ -180,9 +193,7 @@ class PostgresTwinStore(TwinStore):
             await self._pool.close()
             self._pool = None
 
-    async def append_envelopes(self, envelopes: Sequence[StoredEnvelope]) -> list[Outcome]:
-        if not envelopes:
-            return []
+    async def _append(self, envelopes: Sequence[StoredEnvelope]) -> list[Outcome]:
         devices = [e.device for e in envelopes]
         seqs = [e.seq for e in envelopes]
         inserted = await self.pool.fetch(
@@ -210,6 +221,13 @@ class PostgresTwinStore(TwinStore):
                 outcome.append(Outcome.DUPLICATE)
             seen.add(key)
         return outcome
+
+    def _fault(self, exc: Exception) -> Fault:
+        if isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError):
+            return Fault.ITEM  # a value out of range (also caught client-side), a constraint
+        if isinstance(exc, _STORE_ERRORS):
+            return Fault.STORE
+        return super()._fault(exc)
 
     async def put_capsules(self, rows: Sequence[tuple[bytes, str, tuple[str, ...], bytes]]) -> None:
         if rows:

@@ -32,8 +32,8 @@ from typing import Any
 import msgpack
 
 from ciphertwin.bus.envelope import (
-    ID, U64, Bytes, Float, Int, ListOf, MapOf, Opt, Str, Struct, Envelope, decode, encode,
-    register_kind,
+    FLOAT, I64, ID, STORED_INT, TIME, Bytes, Int, ListOf, MapOf, Opt, Str, Struct, Envelope,
+    decode, encode, register_kind,
 )
 from ciphertwin.crypto.errors import SignatureInvalid
 from ciphertwin.crypto.kpcpre import PrePublicKey
@@ -53,27 +53,27 @@ MAX_CHUNK_BYTES = 2 * 1024 * 1024
 STATES = ("queued", "reencrypting", "sent", "computing", "delivered", "done", "failed")
 
 NODE_ROSTER = register_kind("node_roster", {
-    "version": U64, "entries": ListOf(Bytes(1024, 16), 3, 3), "pre": ListOf(Bytes(1024, 16), 3, 3),
-    "operator": PUBKEY, "time": Float(), "sig": SIG,
+    "version": STORED_INT, "entries": ListOf(Bytes(1024, 16), 3, 3), "pre": ListOf(Bytes(1024, 16), 3, 3),
+    "operator": PUBKEY, "time": TIME, "sig": SIG,
 })
 PROCESS_TOKEN = register_kind("process_token", {
-    "owner": ID, "request_id": ID, "token": Bytes(64 * 1024, 16), "time": Float(), "sig": SIG,
+    "owner": ID, "request_id": ID, "token": Bytes(64 * 1024, 16), "time": TIME, "sig": SIG,
 }, max_size=96 * 1024)
 PROCESS_TOKEN_REVOKE = register_kind("process_token_revoke", {
     "owner": ID, "owner_key": PUBKEY, "request_id": ID, "token_id": Bytes(16, 16),
-    "time": Float(), "sig": SIG,
+    "time": TIME, "sig": SIG,
 })
 JOB_SUBMIT = register_kind("job_submit", {
     "job": ID, "function": Str(64, 1), "params": PARAMS,
     "inputs": ListOf(Struct({"owner": ID, "twin": ID, "role": ROLE}), MAX_TWINS, 1),
-    "since": Float(), "until": Float(), "points": Int(1, 1_000_000),
-    "receiver": ID, "receiver_key": PUBKEY, "time": Float(),
+    "since": TIME, "until": TIME, "points": Int(1, 1_000_000),
+    "receiver": ID, "receiver_key": PUBKEY, "time": TIME,
 }, max_size=16 * 1024 * 1024)
-BINDING = Struct({"role": ROLE, "field": Str(32, 1), "ndim": Int(1, 2), "pad": Opt(Int(-(2**63), 2**63 - 1))})
+BINDING = Struct({"role": ROLE, "field": Str(32, 1), "ndim": Int(1, 2), "pad": Opt(I64)})
 JOB_SPEC = register_kind("job_spec", {
     "job": ID, "function": Str(64, 1), "params": PARAMS, "receiver": ID, "receiver_key": PUBKEY,
     "roster": DIGEST, "points": Int(1, 1_000_000), "bindings": MapOf(Str(64, 1), BINDING, 64),
-    "twins": ListOf(Struct({"twin": ID, "owner_key": PUBKEY, "role": ROLE, "count": U64}),
+    "twins": ListOf(Struct({"twin": ID, "owner_key": PUBKEY, "role": ROLE, "count": STORED_INT}),
                     MAX_TWINS, 1),
     "tokens": ListOf(Bytes(64 * 1024, 16), MAX_TWINS, 1),
 }, max_size=64 * 1024 * 1024)
@@ -82,8 +82,8 @@ NODE_INPUTS = register_kind("node_inputs", {
     "items": ListOf(Struct({"item": Bytes(96 * 1024, 16), "key": Bytes(16 * 1024, 16)}), CHUNK_ITEMS),
 }, max_size=80 * 1024 * 1024)
 JOB_STATUS = register_kind("job_status", {
-    "job": ID, "state": Str(16, 1), "progress": Float(), "round": U64, "rounds": U64,
-    "reason": REASON, "by": ID, "time": Float(), "sig": Opt(SIG), "nonce": Opt(Bytes(32, 32)),
+    "job": ID, "state": Str(16, 1), "progress": FLOAT, "round": STORED_INT, "rounds": STORED_INT,
+    "reason": REASON, "by": ID, "time": TIME, "sig": Opt(SIG), "nonce": Opt(Bytes(32, 32)),
 })
 JOB_RESULT = register_kind("job_result", {
     "job": ID, "function": Str(64, 1), "party": Int(0, 2), "node": ID,
