@@ -304,15 +304,19 @@ async def _bus_devices(port: int, prefix: str, work: list[tuple[str, str, list[b
         for twin, name, payloads in work)))
 
 
-def _child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (the cloud's process pool workers)."""
-    out = []
+def _descendant_pids(pid: int) -> list[int]:
+    """Every process under ``pid``: the cloud's pool workers (children of its fork server)."""
+    parent_of: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(stat.parent.name))
+            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
+    out, frontier = [], [pid]
+    while frontier:
+        children = [c for c, p in parent_of.items() if p in frontier]
+        out += children
+        frontier = children
     return out
 
 
@@ -339,7 +343,7 @@ def _cpu_snapshot(broker: str, procs: list[subprocess.Popen[bytes]]) -> dict[str
     cloud = procs[-1].pid
     brokers = [procs[0].pid] if broker == "amqtt" else _pids_named("mosquitto")
     return {"cloud": _cpu_seconds(cloud),
-            "cloud_pool": sum(_cpu_seconds(p) for p in _child_pids(cloud)),
+            "cloud_pool": sum(_cpu_seconds(p) for p in _descendant_pids(cloud)),
             "broker": sum(_cpu_seconds(p) for p in brokers),
             "devices": round(time.process_time(), 2)}
 

@@ -7,11 +7,13 @@ or ``--operator-key``): the cloud must not choose the nodes it sends shares to.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ciphertwin.errors import ValidationError
+
+if TYPE_CHECKING:
+    from ciphertwin.config.settings import Deployment
+    from ciphertwin.crypto.signing import VerifyKey
 
 
 def register(subparsers: Any) -> None:
@@ -30,21 +32,26 @@ async def _run(args: argparse.Namespace) -> int:
     import os
 
     from ciphertwin.agents.operator_cli import pinned_operator
-    from ciphertwin.bus.client import BusClient
-    from ciphertwin.cloud_twin.reencryption import ReencryptionPool
-    from ciphertwin.cloud_twin.service import CloudTwin
-    from ciphertwin.cloud_twin.store import open_store
     from ciphertwin.config.settings import load_deployment
+    from ciphertwin.lifecycle import run_until_signalled
 
     deployment = load_deployment(args.config)
     operator = pinned_operator(args.operator_key, deployment)
     password = os.environ.get(args.password_env)
     if not deployment.broker.open and not password:
         raise ValidationError(f"set {args.password_env} to the cloud's broker password")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    return await run_until_signalled(_serve(args, deployment, operator, password), name="cloud")
+
+
+async def _serve(args: argparse.Namespace, deployment: Deployment, operator: VerifyKey,
+                 password: str | None) -> None:
+    """Run until cancelled; ends with StoreUnavailable if the store is lost meanwhile."""
+    from ciphertwin.bus.client import BusClient
+    from ciphertwin.cloud_twin.reencryption import ReencryptionPool
+    from ciphertwin.cloud_twin.service import CloudTwin
+    from ciphertwin.cloud_twin.store import open_store
+    from ciphertwin.cloud_twin.store_watch import watch_store
+
     bus = BusClient.for_deployment(deployment, username=args.name, password=password)
     store = open_store(deployment.storage)
     async with bus, CloudTwin(bus, store, pool=ReencryptionPool(args.workers or None),
@@ -52,5 +59,4 @@ async def _run(args: argparse.Namespace) -> int:
         where = (deployment.storage.sqlite_path if deployment.storage.backend == "sqlite"
                  else "postgresql")
         print(f"cloud twin running (store: {where}); Ctrl-C stops", flush=True)
-        await stop.wait()
-    return 0
+        await watch_store(store)

@@ -13,11 +13,12 @@ import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 from ciphertwin.crypto.errors import KeyMismatch, PolicyNotSatisfied
 from ciphertwin.crypto.kpcpre import ReKey, reencrypt_encoded
 from ciphertwin.errors import ValidationError
+from ciphertwin.workers import worker_pool
 
 _REKEYS: OrderedDict[bytes, ReKey] = OrderedDict()
 _CACHE_LIMIT = 4096
@@ -49,12 +50,16 @@ def reencrypt_batch(work: Sequence[tuple[bytes, bytes]]) -> list[bytes | str]:
 
 
 class ReencryptionPool:
-    """Spread re-encryptions over ``workers`` processes (threads with ``processes=False``)."""
+    """Spread re-encryptions over ``workers`` processes (threads with ``processes=False``).
+
+    The processes are clean workers (`ciphertwin.workers`), started here; the ingest
+    pipeline's signature checks run on them too, so that module is preloaded as well."""
 
     def __init__(self, workers: int | None = None, *, processes: bool = True) -> None:
         self.workers = max(1, workers or os.cpu_count() or 1)
         self._executor: Executor = (
-            ProcessPoolExecutor(self.workers) if processes else ThreadPoolExecutor(self.workers)
+            worker_pool(self.workers, preload=(__name__, "ciphertwin.cloud_twin.ingest"))
+            if processes else ThreadPoolExecutor(self.workers)
         )
 
     async def reencrypt(self, work: Sequence[tuple[bytes, bytes]]) -> list[bytes | str]:

@@ -74,6 +74,18 @@ class CloudTwin:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> CloudTwin:
+        """Start; if starting fails, stop what did start (tasks, worker pool, the store's
+        thread) — any of them left running would keep the process from exiting."""
+        try:
+            return await self._start()
+        except BaseException:
+            try:
+                await self.__aexit__(None, None, None)
+            except Exception as exc:  # noqa: BLE001 - the start failure is the error to report
+                log.warning("cloud.stop_failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+
+    async def _start(self) -> CloudTwin:
         await self.store.open()
         await self.trust.load()
         await self.grants.load()

@@ -19,6 +19,8 @@ locked, connection lost, schema gone) is not an envelope's fault: it raises
 from __future__ import annotations
 
 import abc
+import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -33,6 +35,11 @@ from ciphertwin.config.settings import StorageSettings
 from ciphertwin.errors import CipherTwinError
 
 log = structlog.get_logger(__name__)
+
+
+class StoreUnavailable(CipherTwinError):
+    """The store cannot be opened, or was lost while running: the service must exit (non-zero)
+    so that its supervisor restarts it, instead of running on without storage."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +238,10 @@ class TwinStore(abc.ABC):
     @abc.abstractmethod
     async def cache_recapsules(self, rows: Sequence[tuple[bytes, str, bytes]]) -> None: ...
 
+    async def check(self) -> None:
+        """Health check for `store_watch`: StoreUnavailable if the store is lost for good,
+        another error if it failed now (it may recover)."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS envelopes (
@@ -284,6 +295,7 @@ class SqliteTwinStore(TwinStore):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file we opened
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -292,12 +304,25 @@ class SqliteTwinStore(TwinStore):
         return self._db
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=FULL")
-        await self._db.executescript(_SCHEMA)
-        await self._db.commit()
+        """Open (creating the file and schema); on failure nothing is left running — the
+        connection's thread would keep the process alive — and StoreUnavailable says why."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = await aiosqlite.connect(self.path)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=FULL")
+            await self._db.executescript(_SCHEMA)
+            await self._db.commit()
+            st = os.stat(self.path)
+            self._file = (st.st_dev, st.st_ino)
+        except BaseException as exc:
+            if self._db is not None:
+                db, self._db = self._db, None
+                with contextlib.suppress(Exception):  # the thread ends even if closing fails
+                    await db.close()
+            if isinstance(exc, (OSError, sqlite3.Error)):
+                raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
+            raise
 
     async def close(self) -> None:
         if self._db is not None:
@@ -511,6 +536,18 @@ class SqliteTwinStore(TwinStore):
     async def cache_recapsules(self, rows: Sequence[tuple[bytes, str, bytes]]) -> None:
         await self.db.executemany("INSERT OR IGNORE INTO recapsules VALUES (?,?,?)", rows)
         await self.db.commit()
+
+    async def check(self) -> None:
+        """The file must still be the one we opened: once it is deleted or replaced, every
+        commit goes to a file nobody will ever open again (the data is lost on restart)."""
+        try:
+            st = os.stat(self.path)
+            same = (st.st_dev, st.st_ino) == self._file
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise StoreUnavailable(f"the store file {self.path} was deleted or replaced")
+        await self.db.execute_fetchall("SELECT 1")
 
 
 class _AttributeCache:

@@ -18,6 +18,7 @@ the idempotence rules); what changes is that other processes write concurrently:
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 
@@ -28,11 +29,13 @@ from ciphertwin.cloud_twin.store import (
     Grant,
     Outcome,
     StoredEnvelope,
+    StoreUnavailable,
     TwinStore,
     WindowGroup,
     WindowItem,
 )
 
+CONNECT_TIMEOUT_S = 5.0  # a supervisor must see an unreachable server as a prompt failure
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _SEP = "\x1f"  # same attribute separator as the SQLite store; only used on the wire to PG
 _SPLIT = "string_to_array({}, E'\\x1f')"
@@ -177,7 +180,15 @@ class PostgresTwinStore(TwinStore):
         return template.format(s=f'"{self.schema}"', **extra)
 
     async def open(self) -> None:
-        pool = await asyncpg.create_pool(self.dsn, min_size=self.min_size, max_size=self.max_size)
+        """Connect and create the schema; StoreUnavailable (never the DSN: it may hold the
+        password) when the server is unreachable or refuses us, within CONNECT_TIMEOUT_S."""
+        try:
+            pool = await asyncpg.create_pool(self.dsn, min_size=self.min_size,
+                                             max_size=self.max_size, timeout=CONNECT_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
+                asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(
+                f"cannot open the PostgreSQL store: {type(exc).__name__}: {exc}") from exc
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
@@ -187,6 +198,9 @@ class PostgresTwinStore(TwinStore):
             await pool.close()
             raise
         self._pool = pool
+
+    async def check(self) -> None:
+        await self.pool.fetchval("SELECT 1")
 
     async def close(self) -> None:
         if self._pool is not None:

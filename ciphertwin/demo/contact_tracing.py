@@ -20,7 +20,6 @@ import random
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import AsyncExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +51,12 @@ from ciphertwin.mpc_nodes.functions import get_function
 from ciphertwin.mpc_nodes.roster import NodeIdentity
 from ciphertwin.mpc_nodes.ledger import NodeLedger
 from ciphertwin.mpc_nodes.service import ProcessingNode
+from ciphertwin.protocol import share_open
 from ciphertwin.protocol.control import build_control, control_request_id
 from ciphertwin.protocol.items import DeviceCredentials, build_item
 from ciphertwin.protocol.jobs import build_roster
 from ciphertwin.protocol.roster_trust import ShareIndexBook
+from ciphertwin.workers import worker_pool
 
 log = structlog.get_logger(__name__)
 
@@ -235,7 +236,8 @@ async def start_world(stack: AsyncExitStack, *, broker: tuple[str, int] | None =
                       pool=ReencryptionPool(pool_workers), operator=operator.verify_key)
     cloud.jobs.node_timeout_s = node_timeout_s
     await stack.enter_async_context(cloud)
-    executor = stack.enter_context(ProcessPoolExecutor(pool_workers or os.cpu_count() or 1))
+    executor = stack.enter_context(worker_pool(pool_workers or os.cpu_count() or 1,
+                                               preload=(share_open.__name__,)))
     identities = [NodeIdentity.generate(i, f"node{i}") for i in range(3)]
     pres = [PreKeyPair.generate() for _ in range(3)]
     nodes = []

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 from contextlib import closing
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,9 @@ from ciphertwin.config.settings import load_deployment
 from ciphertwin.crypto import wire
 from ciphertwin.errors import ValidationError
 from ciphertwin.mpc_nodes.roster import NodeIdentity
+from ciphertwin.protocol import share_open
 from ciphertwin.protocol.roster_trust import ROSTER_STATE_FILE
+from ciphertwin.workers import worker_pool
 
 ENTRY_TAG = "node-entry-file"
 
@@ -47,25 +48,32 @@ def _entry(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from ciphertwin.mpc_nodes.ledger import NodeLedger
-    from ciphertwin.mpc_nodes.service import ProcessingNode
+    from ciphertwin.lifecycle import run_until_signalled
 
     if args.index is None:
         raise ValidationError("give --index (0, 1 or 2) or a sub-command")
+    return await run_until_signalled(_serve(args), name="node")
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    """Run until cancelled (SIGINT/SIGTERM): the pool and the ledger are closed on the way out."""
+    from ciphertwin.mpc_nodes.ledger import NodeLedger
+    from ciphertwin.mpc_nodes.service import ProcessingNode
+
     deployment = load_deployment(args.config)
     operator = pinned_operator(args.operator_key, deployment)
     me, node_id = _node_identity(args, args.index)
     workers = args.workers or max(1, (os.cpu_count() or 1) - 1)
     ledger = NodeLedger(_home(args) / "node-ledger.db")  # job ids run, token budgets spent
-    with ProcessPoolExecutor(workers) as pool, closing(ledger):
+    with closing(ledger), worker_pool(workers, preload=(share_open.__name__,)) as pool:
         async with _bus_for(args, deployment) as bus:
             async with ProcessingNode(bus, node_id, me.pre, operator=operator,
                                       roster_state=_home(args) / ROSTER_STATE_FILE, executor=pool,
                                       latency_s=args.rtt_ms / 2000,
                                       mpc_timeout_s=args.mpc_timeout,
                                       ledger=ledger):
+                print(f"node {me.name} (index {args.index}) running; Ctrl-C stops", flush=True)
                 await asyncio.Event().wait()
-    return 0
 
 
 def register(subparsers: Any) -> None:
