@@ -22,6 +22,27 @@ Two things amqtt 0.12.1 gets wrong are fixed here (:class:`_Broker`):
   requires), so that client notices and reconnects. (A CONNECT *without* a clean session
   still reaches amqtt's own handling of a persistent session before it is authenticated; no
   ciphertwin client asks for one.)
+
+and two things it lacks, which let one stalled subscriber (a client that stops reading its
+socket) grow the broker by every message published to it, forever (issue 9, finding 5):
+
+* keepalive: amqtt reads with a timeout of the client's keepalive and ignores its expiry
+  (``BrokerProtocolHandler.handle_read_timeout`` does nothing), and closing a connection
+  waits until the peer has taken the last bytes, i.e. never for a stalled one. Now a client
+  from which nothing was read for 1.5 x its keepalive is cut off (MQTT 3.1.1 §3.1.2.10:
+  ``broker.keepalive_expired``); large packets are read in chunks so that one still arriving
+  counts as activity; and a close gives the peer :data:`_CLOSE_SECONDS` before aborting;
+* an outgoing queue: amqtt queues a task per message and subscriber, waiting for the socket,
+  without bound. Now each connection counts the bytes owed to it (messages accepted and not
+  yet written out or acknowledged, plus the socket's write buffer) against
+  :mod:`~ciphertwin.broker.limits` (Mosquitto's ``max_queued_bytes``): above
+  ``BROKER_QUEUE_BYTES`` QoS 0 messages to it are dropped (``broker.subscriber_queue_full``,
+  once); above it with no byte leaving for ``BROKER_STALL_SECONDS``, or above
+  :func:`~ciphertwin.broker.limits.broker_queue_hard_bytes` at all, the connection is cut
+  (``broker.slow_subscriber_dropped``, with the bytes queued) and its queued messages
+  released at once; amqtt then forgets a clean session within a second. A finished
+  delivery's message is returned without its payload: amqtt's broadcast loop keeps
+  finished tasks behind the oldest unfinished one, which held every later message.
 """
 
 from __future__ import annotations
@@ -34,10 +55,18 @@ from typing import Any
 import structlog
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
-from amqtt.session import Session
+from amqtt.mqtt.constants import QOS_0
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.manager import PluginManager
+from amqtt.session import OutgoingApplicationMessage, Session
 
 from ciphertwin.broker.directory import ClientDirectory
-from ciphertwin.broker.limits import broker_max_packet
+from ciphertwin.broker.limits import (
+    BROKER_QUEUE_BYTES,
+    BROKER_STALL_SECONDS,
+    broker_max_packet,
+    broker_queue_hard_bytes,
+)
 from ciphertwin.bus.topics import Topics
 from ciphertwin.config.settings import Deployment
 from ciphertwin.errors import CipherTwinError, ValidationError
@@ -64,21 +93,208 @@ class PacketTooLarge(ConnectionError):
     """A client announced a packet above the limit; its connection is closed."""
 
 
-class _LimitedReader(ReaderAdapter):
-    """A connection's reader that refuses any read above ``limit`` bytes before making it."""
+_CLOSE_SECONDS = 2.0  # a closing connection's peer gets this long to take its last bytes
+_READ_CHUNK = 2**20  # larger reads are made in chunks, each counting as activity
 
-    def __init__(self, inner: ReaderAdapter, limit: int, peer: str) -> None:
-        self._inner, self._limit, self._peer = inner, limit, peer
+
+class _Link:
+    """What the broker's own checks know of one client connection (amqtt has no such object):
+    when anything was last read from it, how much was written to it, and how to cut it off."""
+
+    def __init__(self, transport: asyncio.WriteTransport, peer: str) -> None:
+        self.transport, self.peer = transport, peer
+        self.client_id: str | None = None
+        self._loop = asyncio.get_running_loop()
+        self.last_read = self._loop.time()
+        self.written = 0  # bytes handed to the transport
+        self._max_idle = 0.0
+        self._sent_mark, self._moved_at = 0, self.last_read
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.is_closing()
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def send_idle(self) -> float:
+        """Seconds since the kernel last took bytes for the peer while some were waiting."""
+        sent, now = self.written - self.buffered(), self._loop.time()
+        if sent != self._sent_mark or not self.buffered():
+            self._sent_mark, self._moved_at = sent, now
+        return now - self._moved_at
+
+    def touch(self) -> None:
+        self.last_read = self._loop.time()
+
+    def cut(self, event: str, **fields: Any) -> None:
+        """Log ``event`` and abort the connection: unsent data is discarded, nothing waits for
+        the peer, and amqtt's reader sees the end of the stream and tears the session down."""
+        if not self.closed:
+            log.warning(event, client_id=self.client_id, peer=self.peer, **fields)
+            self.transport.abort()
+
+    def enforce_keepalive(self, keepalive: int) -> None:
+        """MQTT 3.1.1 §3.1.2.10: nothing received for 1.5 x keepalive -> disconnect."""
+        if keepalive > 0:
+            self._max_idle = 1.5 * keepalive
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        idle = self._loop.time() - self.last_read
+        if idle >= self._max_idle:
+            self.cut("broker.keepalive_expired", keepalive=self._max_idle / 1.5,
+                     idle_seconds=round(idle, 1), reason="nothing received for 1.5 x keepalive")
+        else:
+            self._loop.call_later(self._max_idle - idle, self._check_idle)
+
+
+class _LimitedReader(ReaderAdapter):
+    """A connection's reader that refuses any read above ``limit`` bytes before making it,
+    and marks the link active whenever bytes arrive."""
+
+    def __init__(self, inner: ReaderAdapter, limit: int, link: _Link) -> None:
+        self._inner, self._limit, self.link = inner, limit, link
 
     async def read(self, n: int = -1) -> bytes:
         if n > self._limit:
-            log.warning("broker.packet_refused", peer=self._peer, size=n, limit=self._limit,
+            log.warning("broker.packet_refused", peer=self.link.peer, size=n, limit=self._limit,
                         reason="packet larger than any message kind: connection closed")
             raise PacketTooLarge(f"packet of {n} bytes > limit {self._limit}")
-        return await self._inner.read(n)
+        if n <= _READ_CHUNK:
+            data = await self._inner.read(n)
+            self.link.touch()
+            return data
+        chunks, left = [], n
+        while left:
+            chunks.append(await self._inner.read(min(left, _READ_CHUNK)))
+            left -= len(chunks[-1])
+            self.link.touch()
+        return b"".join(chunks)
 
     def feed_eof(self) -> None:
         self._inner.feed_eof()
+
+
+class _Writer(StreamWriterAdapter):
+    """Counts the bytes written (progress checks), writes nothing to a connection being torn
+    down, and aborts a close the peer does not let finish within :data:`_CLOSE_SECONDS`."""
+
+    def __init__(self, writer: asyncio.StreamWriter, link: _Link) -> None:
+        super().__init__(writer)
+        self._link = link
+
+    def write(self, data: bytes) -> None:
+        if not self._link.closed:
+            self._link.written += len(data)
+            super().write(data)
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(super().close(), _CLOSE_SECONDS)
+        except (TimeoutError, OSError):
+            self._link.transport.abort()
+
+
+class _Handler(BrokerProtocolHandler):
+    """amqtt's per-connection handler with a bounded outgoing queue (module docstring)."""
+
+    def __init__(self, plugins_manager: PluginManager[Any], link: _Link, hard_limit: int) -> None:
+        super().__init__(plugins_manager)
+        self.link, self._hard_limit = link, hard_limit
+        self._pending = 0  # payload bytes of publishes accepted and not finished
+        self._publishing: set[asyncio.Task[Any]] = set()
+        self._dropped = 0  # QoS 0 messages refused since the queue went over the limit
+        self._unacked = 0  # QoS >= 1 messages the client did not acknowledge in time
+        self._stall_timer: asyncio.Handle | None = None
+
+    def queued_bytes(self) -> int:
+        return self._pending + self.link.buffered()
+
+    async def mqtt_publish(self, topic: str, data: bytes | bytearray, qos: int | None,
+                           retain: bool, ack_timeout: int | None = None,
+                           ) -> OutgoingApplicationMessage:
+        task, size = asyncio.current_task(), len(data)
+        if task is None or not self._admit(qos):
+            return OutgoingApplicationMessage(None, topic, qos, b"", retain)
+        self._pending += size
+        self._publishing.add(task)
+        try:
+            message = await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        except TimeoutError:  # amqtt gave up waiting for PUBACK/PUBREC/PUBCOMP (5 s)
+            self._unacked += 1
+            if self._unacked == 1:  # amqtt would log a traceback per message
+                log.warning("broker.ack_timeout", client_id=self.link.client_id, qos=qos,
+                            reason="no acknowledgement within 5 s: message not redelivered")
+            return OutgoingApplicationMessage(None, topic, qos, b"", retain)
+        except (Exception, asyncio.CancelledError):
+            if self.link.closed:  # cut off or stopped: the message is simply not delivered
+                return OutgoingApplicationMessage(None, topic, qos, b"", retain)
+            raise
+        finally:
+            self._pending -= size
+            self._publishing.discard(task)
+        message.data, message.publish_packet = b"", None  # see the module docstring
+        return message
+
+    def _admit(self, qos: int | None) -> bool:
+        """Whether a message may join this connection's queue (module docstring)."""
+        if self.link.closed:
+            return False
+        self.link.send_idle()  # keeps track of when bytes last left
+        queued = self.queued_bytes()
+        if queued < BROKER_QUEUE_BYTES:
+            return True
+        if queued >= self._hard_limit:
+            self._cut(queued, f"more than {self._hard_limit} bytes queued")
+            return False
+        if self._stall_timer is None:
+            self._stall_timer = self._loop.call_soon(self._check_stall)
+        if qos != QOS_0:
+            return True
+        if not self._dropped:
+            log.warning("broker.subscriber_queue_full", client_id=self.link.client_id,
+                        queued_bytes=queued, limit=BROKER_QUEUE_BYTES,
+                        reason="QoS 0 messages to this client are dropped")
+        self._dropped += 1
+        return False
+
+    def _check_stall(self) -> None:
+        """While over the limit, each second: cut the connection once no byte has left for
+        BROKER_STALL_SECONDS."""
+        self._stall_timer = None
+        queued = self.queued_bytes()
+        if self.link.closed:
+            return
+        if queued < BROKER_QUEUE_BYTES:
+            if self._dropped:
+                log.info("broker.subscriber_caught_up", client_id=self.link.client_id,
+                         dropped_messages=self._dropped)
+                self._dropped = 0
+            return
+        idle = self.link.send_idle()
+        if idle >= BROKER_STALL_SECONDS:
+            self._cut(queued, f"no byte taken for {idle:.1f} s")
+        else:
+            self._stall_timer = self._loop.call_later(
+                min(1.0, BROKER_STALL_SECONDS - idle), self._check_stall)
+
+    def _cut(self, queued: int, reason: str) -> None:
+        self.link.cut("broker.slow_subscriber_dropped", queued_bytes=queued,
+                      dropped_messages=self._dropped, limit=BROKER_QUEUE_BYTES, reason=reason)
+
+    async def stop(self) -> None:
+        """Also cancel the publishes still queued: amqtt lets each wait for the socket, then up
+        to 5 s for an acknowledgement, keeping its payload alive meanwhile."""
+        await super().stop()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        for task in list(self._publishing):
+            if task is not asyncio.current_task():
+                task.cancel()
 
 
 _ADMITTED = "_ciphertwin_admitted"  # set on a Session once its credentials passed
@@ -98,16 +314,30 @@ class _Broker(Broker):
     """amqtt's broker with a packet size limit and an authenticated, visible takeover (see
     the module docstring; these override amqtt 0.12.1 internals, pinned in pyproject)."""
 
-    def __init__(self, config: dict[str, Any], *, max_packet: int) -> None:
+    def __init__(self, config: dict[str, Any], *, max_packet: int, max_queued: int) -> None:
         super().__init__(config)
-        self.max_packet = max_packet
+        self.max_packet, self.max_queued = max_packet, max_queued
         self._sessions = _Sessions()
 
     async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                listener_name: str) -> None:
-        peer = writer.get_extra_info("peername")
-        limited = _LimitedReader(StreamReaderAdapter(reader), self.max_packet, str(peer))
-        await self._client_connected(listener_name, limited, StreamWriterAdapter(writer))
+        link = _Link(writer.transport, str(writer.get_extra_info("peername")))
+        limited = _LimitedReader(StreamReaderAdapter(reader), self.max_packet, link)
+        await self._client_connected(listener_name, limited, _Writer(writer, link))
+
+    async def _initialize_client_session(self, reader: ReaderAdapter, writer: Any,
+                                         remote_address: str, remote_port: int,
+                                         ) -> tuple[BrokerProtocolHandler, Session]:
+        """Once CONNECT is read: our handler instead of amqtt's (still unattached and idle),
+        and the keepalive the client announced enforced."""
+        handler, session = await super()._initialize_client_session(
+            reader, writer, remote_address, remote_port)
+        if not isinstance(reader, _LimitedReader):  # a listener type we do not wrap
+            return handler, session
+        link = reader.link
+        link.client_id = session.client_id
+        link.enforce_keepalive(session.keep_alive)
+        return _Handler(self.plugins_manager, link, self.max_queued), session
 
     async def _delete_session(self, client_id: str) -> None:
         """amqtt calls this for every clean-session CONNECT before authenticating it: an
@@ -197,7 +427,8 @@ class EmbeddedBroker:
     async def start(self) -> None:
         if self._broker is not None:
             raise BrokerError("broker already running")
-        broker = _Broker(self._config(), max_packet=broker_max_packet())
+        broker = _Broker(self._config(), max_packet=broker_max_packet(),
+                         max_queued=broker_queue_hard_bytes())
         try:
             await broker.start()
         except Exception as exc:
@@ -210,6 +441,20 @@ class EmbeddedBroker:
         if broker is not None:
             await broker.shutdown()
             log.info("broker.stopped", url=self.url)
+
+    def session_state(self, client_id: str) -> str | None:
+        """amqtt's state of ``client_id``'s session ("connected", "disconnected"), None if none."""
+        entry = self._broker.sessions.get(client_id) if self._broker else None
+        return entry[0].transitions.state if entry else None
+
+    def subscriptions(self) -> dict[str, list[tuple[Session, int]]]:
+        """Topic filter -> (session, QoS) of each subscriber (read-only view for checks)."""
+        return dict(self._broker.subscriptions) if self._broker else {}
+
+    def queued_bytes(self, client_id: str) -> int:
+        """Bytes the broker owes ``client_id``'s connection (0 if none; module docstring)."""
+        entry = self._broker.sessions.get(client_id) if self._broker else None
+        return entry[1].queued_bytes() if entry and isinstance(entry[1], _Handler) else 0
 
     async def __aenter__(self) -> EmbeddedBroker:
         await self.start()

@@ -16,3 +16,20 @@ from ciphertwin.bus.envelope import max_packet_size
 def broker_max_packet() -> int:
     """Largest MQTT packet either broker accepts, in bytes."""
     return max_packet_size()
+
+
+# -- a subscriber's outgoing queue in the embedded broker (Mosquitto: max_queued_bytes) --------
+# Bytes the broker owes one connection: messages accepted for it and not yet written out (or,
+# for QoS >= 1, not yet acknowledged), plus its socket's write buffer.
+
+BROKER_QUEUE_BYTES = 8 * 2**20
+"""Above this, QoS 0 messages to the connection are dropped (counted, logged once)."""
+
+BROKER_STALL_SECONDS = 5.0
+"""Above BROKER_QUEUE_BYTES with no byte leaving for this long: the connection is closed."""
+
+
+def broker_queue_hard_bytes() -> int:
+    """Above this a connection is closed at once: more than the largest message (which may
+    legitimately take a while on a slow link) plus the soft limit."""
+    return broker_max_packet() + BROKER_QUEUE_BYTES
