@@ -370,6 +370,22 @@ class Lab:
                                f"{run.stderr[-3000:]}")
         return run.stdout
 
+    def cli_all(self, *commands: list[str], timeout: float = 120) -> None:
+        """Run several CLI commands at once (they lock the files they share); raises if one
+        fails."""
+        procs = [subprocess.Popen([sys.executable, "-m", "ciphertwin.cli", *args],
+                                  env=self.env, cwd=self.root, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                 for args in commands]
+        errors = []
+        for args, proc in zip(commands, procs, strict=True):
+            _, err = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                errors.append(f"ciphertwin {' '.join(args)} failed ({proc.returncode}):\n"
+                              f"{err.decode(errors='replace')[-2000:]}")
+        if errors:
+            raise RuntimeError("\n".join(errors))
+
     def _service(self, name: str, argv: list[str], ready: Callable[[Service], bool]) -> Service:
         return Service(name, argv, self.env, self.logs / f"{name}.log", self.root, ready=ready)
 
@@ -402,8 +418,8 @@ operator_key = "{self.home / 'operator' / 'public.key'}"
         self.write_config()
         self.cli("clients", "add", "cloud", "--role", "cloud", "--password-stdin",
                  stdin=self.env["CIPHERTWIN_CLOUD_PASSWORD"] + "\n")
-        self.cli("operator", "init", "--name", "operator")
-        self.cli("owner", "init", "--name", OWNER)
+        self.cli_all(["operator", "init", "--name", "operator"],
+                     ["owner", "init", "--name", OWNER])
         if self.broker_kind == "embedded":
             argv = [sys.executable, "-m", "ciphertwin.cli", "--log-json", "broker",
                     "--config", str(self.config)]
@@ -420,32 +436,35 @@ operator_key = "{self.home / 'operator' / 'public.key'}"
         self.broker.start()
         self.cloud.start()
         self.cli("owner", "register", "--name", OWNER)
-        for name in self.device_names:
-            self.cli("owner", "enroll-device", "--name", OWNER, "--twin", TWIN,
-                     "--device", name, "--out", str(self.root / f"{name}.bundle"),
-                     "--source", json.dumps(self.sensor_source(name)))
+        self.cli_all(*(["owner", "enroll-device", "--name", OWNER, "--twin", TWIN,
+                        "--device", name, "--out", str(self.root / f"{name}.bundle"),
+                        "--source", json.dumps(self.sensor_source(name))]
+                       for name in self.device_names))
         if self.broker_kind == "mosquitto":  # the new device logins: emit again, SIGHUP
             self.emit_mosquitto()
             assert self.broker.proc is not None
             self.broker.proc.send_signal(signal.SIGHUP)
             time.sleep(0.5)
-        enrolls = [subprocess.Popen(
-            [sys.executable, "-m", "ciphertwin.cli", "device", "enroll",
-             str(self.root / f"{n}.bundle"), "--home", str(self.home / n)],
-            env=self.env, cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            for n in self.device_names]
-        for p in enrolls:
-            _, err = p.communicate(timeout=120)
-            if p.returncode != 0:
-                raise RuntimeError(f"device enroll failed: {err.decode()[-2000:]}")
+        self.cli_all(*(["device", "enroll", str(self.root / f"{n}.bundle"),
+                        "--home", str(self.home / n)] for n in self.device_names))
         for name in self.device_names:
             self.devices[name] = self._service(
                 name, [sys.executable, "-m", "ciphertwin.cli", "--log-json", "device", "run",
                        "--name", name, "--home", str(self.home / name)],
                 lambda s: "waiting in the outbox" in s.output())
-            if start_devices:
-                self.devices[name].start()
+        if start_devices:
+            self.start_devices(self.devices.values())
         self.event("built")
+
+    def start_devices(self, devices: Iterable[Service], wait: float = 30.0) -> None:
+        """Start device agents together, then wait until each is running."""
+        devices = list(devices)
+        for d in devices:
+            d.start(wait=0)
+        for d in devices:
+            wait_for(lambda d=d: d.ready(d) or not d.alive, wait, f"{d.name} ready")  # type: ignore[misc]
+            if not d.alive:
+                raise RuntimeError(f"{d.name} exited:\n{d.output()[-3000:]}")
 
     def emit_mosquitto(self) -> None:
         self.cli("broker", "--emit-mosquitto", str(self.root / "mosquitto"),

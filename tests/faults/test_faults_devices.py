@@ -26,8 +26,7 @@ def test_device_sigkill_and_restart(make_lab) -> None:  # type: ignore[no-untype
         lab.event(f"devices killed ({round_ + 1})")
         # the killed agents' sensor commands must not outlive them
         failures += [f"outlives its SIGKILLed device: {o}" for o in lab.wait_no_orphans(3.0)]
-        for dev in lab.devices.values():
-            dev.start()
+        lab.start_devices(lab.devices.values())
         back = lab.event("devices back")
         try:
             lab.wait_resumed(back, 15)

@@ -16,9 +16,9 @@ from ciphertwin.bus.topics import Topics
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 RATE, PAD = 50.0, 2500  # per device: ~150 KB/s of stream to the stalled client, ~2 MB/s
-STALL_S = 25.0          # of broker memory when the broker buffers it all (amqtt 0.12.1)
+STALL_S = 20.0          # of broker memory when the broker buffers it all (amqtt 0.12.1)
 KEEPALIVE_S = 10        # the stalled client's keepalive: brokers may drop it after 15 s
-MAX_GROWTH_MB = 16.0    # broker RSS growth allowed during the stall (unbounded: ~40 MB)
+MAX_GROWTH_MB = 16.0    # broker RSS growth allowed during the stall (unbounded: ~35 MB)
 MAX_GAP_S = 3.0         # longest pause in any device's stored items during the stall
 
 
