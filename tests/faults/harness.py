@@ -572,9 +572,13 @@ operator_key = "{self.home / 'operator' / 'public.key'}"
                                f"pending, stored): {state}") from None
         self.event("drained")
 
-    def history(self) -> list[dict[str, Any]]:
-        """Every item of the twin, read back by the owner (``owner history --json``)."""
-        out = self.cli("owner", "history", "--name", OWNER, TWIN, "--json")
+    def history(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Every item of the twin (with a reading time >= ``since``, if given), read back by
+        the owner (``owner history --json``)."""
+        from datetime import datetime
+
+        extra = ["--since", datetime.fromtimestamp(since).isoformat()] if since else []
+        out = self.cli("owner", "history", "--name", OWNER, TWIN, "--json", *extra)
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def counts(self) -> Counts:

@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 RATE, PAD = 50.0, 2500  # per device: ~150 KB/s of stream to the stalled client, ~2 MB/s
 STALL_S = 20.0          # of broker memory when the broker buffers it all (amqtt 0.12.1)
 KEEPALIVE_S = 10        # the stalled client's keepalive: brokers may drop it after 15 s
-MAX_GROWTH_MB = 16.0    # broker RSS growth allowed during the stall (unbounded: ~35 MB)
-MAX_GAP_S = 3.0         # longest pause in any device's stored items during the stall
+MAX_GROWTH_MB = 20.0    # broker RSS growth allowed (fixed amqtt: 10-13 MB; unbounded: ~35 MB)
+MAX_GAP_S = 5.0         # longest pause in any device's stored items during the stall
 
 
 def _longest_gap(times: list[float], start: float, end: float) -> float:
@@ -35,7 +35,6 @@ def test_stalled_stream_subscriber(make_lab, broker: str) -> None:  # type: igno
     lab.stream(2)
     failures: list[str] = []
     base_kb = lab.rss_kb(lab.broker)
-    stored_before = lab.stored_count()
     # the owner's live stream of the twin (what `ciphertwin watch` subscribes to)
     sock = stalled_subscriber(lab, Topics().stream(TWIN, OWNER), keepalive=KEEPALIVE_S)
     start = lab.event("stalled subscriber connected")
@@ -44,7 +43,10 @@ def test_stalled_stream_subscriber(make_lab, broker: str) -> None:  # type: igno
         while time.time() - start < STALL_S:
             peak_kb = max(peak_kb, lab.rss_kb(lab.broker))
             if history_ok is None and time.time() - start > STALL_S / 2:
-                history_ok = len(lab.history()) >= stored_before
+                # items of the last seconds, answered in full while the stall goes on
+                since = time.time() - 3
+                expected = lab.stored_count(since=since)
+                history_ok = len(lab.history(since=since - 5)) >= expected
             time.sleep(0.5)
     finally:
         sock.close()
