@@ -136,10 +136,13 @@ def soak(minutes: float, broker: str, rate: float, devices: int, seed: int, work
     cloud_resumes = [max(f["resume_s"].values()) if f["resume_s"] else None
                      for f in faults if f["killed"] == "cloud"]
 
-    def longest(values: list[float | None]) -> float | None:
+    def longest(values: list[float | None]) -> float | str | None:
+        """None: no such fault happened; "never": a device did not resume within 60 s."""
+        if not values:
+            return None
         if any(v is None for v in values):
-            return None  # some devices never resumed within 60 s
-        return max(values, default=0.0)  # type: ignore[type-var, arg-type]
+            return "never"
+        return max(values)  # type: ignore[type-var, arg-type]
 
     worst_broker = longest(broker_resumes)
     c = counts.as_dict()
@@ -165,8 +168,9 @@ def soak(minutes: float, broker: str, rate: float, devices: int, seed: int, work
 
 def _ok(r: dict[str, Any]) -> bool:
     resume = r["longest_resume_after_broker_s"]["value"]
+    resumed = resume is None or (resume != "never" and resume <= RESUME_TARGET_S)
     return (r["lost"]["value"] == 0 and r["duplicated"]["value"] == 0 and r["drained"]
-            and resume is not None and resume <= RESUME_TARGET_S and r["orphans"]["value"] == 0)
+            and resumed and r["orphans"]["value"] == 0)
 
 
 def main() -> int:
@@ -195,10 +199,11 @@ def main() -> int:
               f"readable {r['readable']}  (dropped at source {r['dropped_at_source']})")
         print(f"lost {r['lost']['value']} (target 0)  duplicated {r['duplicated']['value']} "
               f"(target 0)  drained {r['drained']}")
+        cloud = r["longest_resume_after_cloud_s"]
         print(f"longest stall {r['longest_stall_s']} s (outages included); longest resume "
-              f"after a broker return {resume if resume is not None else 'NEVER'} s "
+              f"after a broker return {'n/a' if resume is None else resume} s "
               f"(target <= {RESUME_TARGET_S:g}); after a cloud return "
-              f"{r['longest_resume_after_cloud_s']} s")
+              f"{'n/a' if cloud is None else cloud} s")
         print(f"kills {r['kills']}  orphans {r['orphans']['value']} (target 0)")
         for name, roles in r["peak_rss_mb"].items():
             print(f"peak RSS {name}: " + ", ".join(f"{k} {v} MB" for k, v in roles.items()))
