@@ -50,6 +50,12 @@ class Rig:
     agent: DeviceAgent
     outbox: FlakyOutbox
     producing: asyncio.Event
+    ended: asyncio.Event
+
+    async def stop_producing(self) -> None:
+        """Stop the sensor and wait until its last reading is in the outbox."""
+        self.producing.clear()
+        await asyncio.wait_for(self.ended.wait(), 5)
 
     async def until(self, cond: Callable[[], bool], timeout: float, what: str) -> float:
         """Seconds until ``cond()`` holds (fails the test after ``timeout``)."""
@@ -63,13 +69,16 @@ class Rig:
         return sorted(e.seq for e in await self.cloud.store.history("t1", limit=100_000))
 
 
-async def _readings(producing: asyncio.Event) -> AsyncIterator[Reading]:
+async def _readings(producing: asyncio.Event, ended: asyncio.Event) -> AsyncIterator[Reading]:
     """A sensor read every 20 ms while ``producing`` is set (then it runs out)."""
     i = 0
-    while producing.is_set():
-        yield Reading("temperature", {"c": i}, time.time())
-        i += 1
-        await asyncio.sleep(0.02)
+    try:
+        while producing.is_set():
+            yield Reading("temperature", {"c": i}, time.time())
+            i += 1
+            await asyncio.sleep(0.02)
+    finally:
+        ended.set()
 
 
 @contextlib.asynccontextmanager
@@ -97,11 +106,11 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
             config = load_enrolled_device(tmp_path / "d1")
             async with FlakyOutbox(tmp_path / "d1" / "outbox.db") as outbox:
                 agent = DeviceAgent(config, dev_bus, outbox, resend_after=1.0)
-                producing = asyncio.Event()
+                producing, ended = asyncio.Event(), asyncio.Event()
                 producing.set()
-                runner = asyncio.create_task(agent.run(_readings(producing)))
+                runner = asyncio.create_task(agent.run(_readings(producing, ended)))
                 try:
-                    yield Rig(broker, cloud, agent, outbox, producing)
+                    yield Rig(broker, cloud, agent, outbox, producing, ended)
                 finally:
                     agent.stop()
                     await asyncio.wait_for(runner, 10)
@@ -124,7 +133,7 @@ async def test_device_resumes_within_5_s_after_an_outage_longer_than_its_publish
             resumed = await r.until(lambda: a.acknowledged > acked_at_return, 15,
                                     "device resumed sending")
             await asyncio.sleep(1.0)  # and goes on streaming
-            r.producing.clear()
+            await r.stop_producing()
             t0 = time.monotonic()
             assert await a.drained(20), "outbox did not drain after the outage"
             drained = time.monotonic() - t0
@@ -147,7 +156,7 @@ async def test_a_failing_send_task_is_logged_and_restarted(tmp_path: Path) -> No
             await r.until(lambda: r.outbox.fail == 0, 5, "the injected failure happened")
             acked = a.acknowledged
             await r.until(lambda: a.acknowledged > acked + 10, 10, "sending after the failure")
-            r.producing.clear()
+            await r.stop_producing()
             assert await a.drained(20)
         failed = [e for e in logs if e["event"] == "task.failed"]
         assert [(e["task"], e["restarting"]) for e in failed] == [("device:send", True)]
@@ -174,7 +183,7 @@ async def test_a_failing_ingest_stage_is_logged_and_restarted(tmp_path: Path) ->
             await r.until(lambda: not failures, 5, "the injected failure happened")
             acked = a.acknowledged
             await r.until(lambda: a.acknowledged > acked + 10, 10, "ingest after the failure")
-            r.producing.clear()
+            await r.stop_producing()
             assert await a.drained(20)
         failed = [e for e in logs if e["event"] == "task.failed"]
         assert [(e["task"], e["error"]) for e in failed] == [
