@@ -71,6 +71,8 @@ def test_every_kind_bounds_its_integers_and_times() -> None:
     count, version and round is a STORED_INT and every time a TIME."""
     seen = set()
     for kind in registered_kinds():
+        if kind.startswith("test"):
+            continue  # kinds the tests declare for themselves (tests/test_bus_envelope.py)
         for field, top in get_kind(kind).fields.items():
             for name, spec in _walk(top, field):
                 where = f"{kind}.{name}"

@@ -1,7 +1,7 @@
 """Issue 8, holes 1 and 9a: who may name the processing nodes, and that no node holds two shares.
 
 Attacks: the cloud (or a broker that injects) publishes a roster signed by its own key; the
-real operator's key signs a roster at version 2^64 − 1 (a typo that would lock every later
+real operator's key signs a roster at version 2^63 − 1 (a typo that would lock every later
 roster out); a new roster moves a node — its id, signing key or PRE key — to another share
 index; an owner is shown such a roster when it re-keys; principals started without any
 operator key.
@@ -42,7 +42,7 @@ from ciphertwin.protocol.roster_trust import (
     MAX_VERSION_JUMP, RosterHistory, RosterRefused, ShareIndexBook,
 )
 
-TOP = 2**64 - 1
+TOP = 2**63 - 1  # the largest version a roster can carry (STORED_INT)
 
 
 def _nodes(prefix: str = "n") -> tuple[list[NodeIdentity], list[PrePublicKey]]:

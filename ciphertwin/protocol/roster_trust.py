@@ -2,7 +2,7 @@
 
 The operator signature says *who* may publish a roster (``config/nodes``, retained). It does
 not stop a roster signed by that same key that is old (a broker replays an earlier retained
-one), far in the future (one typo such as ``--version 18446744073709551615`` would lock every
+one), far in the future (one typo such as ``--version 9223372036854775807`` would lock every
 later roster out) or that moves a node to another share index (a node key that held share 0
 and later holds share 1 learns two shares of one item: with the third, the plaintext). So
 every principal that follows the roster keeps a :class:`RosterHistory`:
