@@ -13,6 +13,10 @@ milliseconds. Each worker then
 * exits as soon as the service dies, even by SIGKILL: on Linux the kernel kills it when its
   parent (the fork server, which itself exits when the service is gone) dies, and everywhere
   a thread watches the service's process sentinel (a pipe end that reads EOF when it dies).
+
+A worker that dies (the OOM killer, an operator's kill) breaks a ProcessPoolExecutor for
+good: every later task fails at once. The pool here then starts new workers (logged), so the
+service loses the tasks that were running — their callers retry — not its workers.
 """
 
 from __future__ import annotations
@@ -25,9 +29,16 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
 
+import structlog
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 _PR_SET_PDEATHSIG = 1
 _PRELOAD: set[str] = {"__main__"}  # multiprocessing's own default, kept
 
@@ -43,22 +54,52 @@ def _context(preload: Iterable[str]) -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def worker_pool(workers: int, *, preload: Iterable[str] = ()) -> ProcessPoolExecutor:
-    """A started pool of ``workers`` clean worker processes (see the module docstring).
+class WorkerPool(Executor):
+    """``workers`` clean worker processes (see the module docstring), started when made."""
+
+    def __init__(self, workers: int, *, preload: Iterable[str] = ()) -> None:
+        self.workers = self._max_workers = max(1, workers)  # the latter as ProcessPool names it
+        self._preload = tuple(preload)
+        self._lock = threading.Lock()
+        self.restarts = 0
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(self.workers, mp_context=_context(self._preload),
+                                   initializer=_init_worker)
+        try:
+            # with a non-fork context, each submit that finds no idle worker starts one
+            for future in [pool.submit(os.getpid) for _ in range(self.workers)]:
+                future.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        return pool
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        with self._lock:
+            try:
+                return self._pool.submit(fn, *args, **kwargs)
+            except BrokenProcessPool:
+                self.restarts += 1
+                log.error("workers.pool_restarted", workers=self.workers, restarts=self.restarts,
+                          reason="a worker process died")
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._start()
+                return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def worker_pool(workers: int, *, preload: Iterable[str] = ()) -> WorkerPool:
+    """A started pool of ``workers`` clean worker processes that replaces dead ones.
 
     ``preload``: modules whose functions the pool will run, imported once in the fork server
     instead of in every worker. All workers are started before this returns, so the first
     real task does not pay for the start-up and a service's workers exist while it runs."""
-    pool = ProcessPoolExecutor(max(1, workers), mp_context=_context(preload),
-                               initializer=_init_worker)
-    try:
-        # with a non-fork context, each submit that finds no idle worker starts one
-        for future in [pool.submit(os.getpid) for _ in range(max(1, workers))]:
-            future.result()
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    return pool
+    return WorkerPool(workers, preload=preload)
 
 
 def _init_worker() -> None:

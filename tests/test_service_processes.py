@@ -11,6 +11,8 @@ processes against a real broker process, their worker processes found with psuti
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +32,15 @@ import pytest
 from ciphertwin.agents.cli import BROKER_SECRET
 from ciphertwin.agents.identity import Identity, save_identity, write_private_file
 from ciphertwin.broker.embedded import free_port
+from ciphertwin.bus.client import BusClient
+from ciphertwin.cloud_twin.reencryption import ReencryptionPool
+from ciphertwin.cloud_twin.service import CloudTwin
+from ciphertwin.cloud_twin.store import SqliteTwinStore, StoreUnavailable
+from ciphertwin.cloud_twin.store_watch import watch_store
 from ciphertwin.config import Principal
 from ciphertwin.config.principals import add_client
 from ciphertwin.crypto.passwords import Argon2Params
+from ciphertwin.workers import worker_pool
 
 PASSPHRASE = "test passphrase for node keys"
 CLOUD_PASSWORD = "pw-cloud-0123456789abcdef"
@@ -252,6 +261,25 @@ def test_node_stops_with_its_workers(world: World, how: str) -> None:
     _all_gone(workers)
 
 
+def test_pool_workers_start_clean_and_are_replaced_when_one_dies() -> None:
+    """In-process: signals reset in the workers; a killed worker breaks nothing for good."""
+    pool = worker_pool(2)
+    try:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+        assert pool.submit(signal.getsignal, signal.SIGTERM).result() == signal.SIG_DFL
+        os.kill(pool.submit(os.getpid).result(), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pool.restarts == 0:  # the pool notices, tasks in flight fail, new workers start
+            assert time.monotonic() < deadline, "the pool never replaced its workers"
+            with contextlib.suppress(BrokenProcessPool):
+                pool.submit(os.getpid).result(timeout=10)
+            time.sleep(0.05)
+        assert psutil.pid_exists(pool.submit(os.getpid).result(timeout=10))
+        assert pool.restarts == 1
+    finally:
+        pool.shutdown()
+
+
 # -- a store that cannot be opened, or is lost -----------------------------------------------
 def _assert_fails_promptly(proc: subprocess.Popen[str], message: str) -> str:
     start = time.monotonic()
@@ -307,6 +335,46 @@ def test_cloud_with_unopenable_postgres_store_exits_nonzero(
                         CIPHERTWIN_STORAGE__POSTGRES_DSN=dsn)
     err = _assert_fails_promptly(cloud, "cannot open the PostgreSQL store")
     assert "secret" not in err  # the DSN's password is never shown
+
+
+def test_unopenable_store_fails_promptly_even_without_a_broker(world: World) -> None:
+    """The store is opened before the broker is looked for: no waiting on a reconnect loop."""
+    cloud = world.cloud(_store_cases(world.root)["path is a directory"],
+                        CIPHERTWIN_BROKER__PORT=str(free_port()))
+    _assert_fails_promptly(cloud, "cannot open the store")
+
+
+async def test_cloud_that_fails_to_start_stops_what_it_started(tmp_path: Path) -> None:
+    """In-process: the worker pool is shut down and no store thread is left (either would
+    keep a process from exiting)."""
+    bad = tmp_path / "not-a-database.sqlite"
+    bad.write_bytes(os.urandom(8192))
+    before = set(threading.enumerate())
+    pool = ReencryptionPool(1)
+    bus = BusClient("127.0.0.1", free_port(), client_id="never-connected")
+    with pytest.raises(StoreUnavailable):
+        async with CloudTwin(bus, SqliteTwinStore(bad), pool=pool):
+            pass
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.executor.submit(os.getpid)
+    await asyncio.sleep(0.2)  # the store's thread ends after its last queued call
+    left = [t for t in set(threading.enumerate()) - before if not t.daemon and t.is_alive()
+            and not t.name.startswith("asyncio_")]  # the loop's own executor: asyncio.run ends it
+    assert not left, left
+
+
+async def test_store_watch_gives_a_failing_store_a_grace_period(tmp_path: Path) -> None:
+    """Failed checks are tolerated for ``grace_s`` (a database restart), then end the watch."""
+    store = SqliteTwinStore(tmp_path / "c.sqlite")
+    await store.open()
+    watch = asyncio.create_task(watch_store(store, interval_s=0.05, grace_s=0.5))
+    await asyncio.sleep(0.3)
+    assert not watch.done()  # healthy
+    await store.close()  # from now on every check fails
+    await asyncio.sleep(0.3)
+    assert not watch.done()  # failing, within the grace period
+    with pytest.raises(StoreUnavailable, match="failed every check"):
+        await asyncio.wait_for(watch, 2)
 
 
 def test_cloud_exits_nonzero_when_its_store_file_is_deleted(world: World) -> None:

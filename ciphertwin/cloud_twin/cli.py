@@ -2,11 +2,16 @@
 
 The operator key node rosters must be signed with is mandatory (``[processing] operator_key``
 or ``--operator-key``): the cloud must not choose the nodes it sends shares to.
+
+As a supervisor sees it: SIGINT/SIGTERM stop the cloud cleanly (its worker processes too) with
+exit code 0; a store that cannot be opened, or is lost while running, ends it with a one-line
+error and a non-zero exit code; its workers never outlive it (`ciphertwin.workers`).
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 from ciphertwin.errors import ValidationError
@@ -52,10 +57,14 @@ async def _serve(args: argparse.Namespace, deployment: Deployment, operator: Ver
     from ciphertwin.cloud_twin.store import open_store
     from ciphertwin.cloud_twin.store_watch import watch_store
 
-    bus = BusClient.for_deployment(deployment, username=args.name, password=password)
     store = open_store(deployment.storage)
-    async with bus, CloudTwin(bus, store, pool=ReencryptionPool(args.workers or None),
-                              operator=operator):
+    async with AsyncExitStack() as stack:
+        await store.open()  # first: a store that cannot open fails now, broker or not
+        stack.push_async_callback(store.close)
+        bus = await stack.enter_async_context(
+            BusClient.for_deployment(deployment, username=args.name, password=password))
+        await stack.enter_async_context(CloudTwin(
+            bus, store, pool=ReencryptionPool(args.workers or None), operator=operator))
         where = (deployment.storage.sqlite_path if deployment.storage.backend == "sqlite"
                  else "postgresql")
         print(f"cloud twin running (store: {where}); Ctrl-C stops", flush=True)

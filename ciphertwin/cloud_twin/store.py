@@ -19,6 +19,7 @@ locked, connection lost, schema gone) is not an envelope's fault: it raises
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -286,6 +287,19 @@ CREATE TABLE IF NOT EXISTS recapsules (
 ) WITHOUT ROWID;
 """
 
+
+def _prepare_file(path: Path) -> tuple[int, int]:
+    """Create the file (WAL mode, which is kept in the file) and schema with a plain
+    connection; the (device, inode) of the file, to notice later if it is deleted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(_SCHEMA)
+        db.commit()
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
 _SEP = "\x1f"  # attribute separator: attributes are validated never to contain control chars
 
 
@@ -305,16 +319,16 @@ class SqliteTwinStore(TwinStore):
 
     async def open(self) -> None:
         """Open (creating the file and schema); on failure nothing is left running — the
-        connection's thread would keep the process alive — and StoreUnavailable says why."""
+        connection's thread would keep the process alive — and StoreUnavailable says why.
+        Opening an open store does nothing (a service may open it early, to fail fast)."""
+        if self._db is not None:
+            return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # errors surface here, before an aiosqlite thread exists: one whose connect failed
+            # stops on its own but may still be running when the event loop closes
+            self._file = await asyncio.to_thread(_prepare_file, self.path)
             self._db = await aiosqlite.connect(self.path)
-            await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=FULL")
-            await self._db.executescript(_SCHEMA)
-            await self._db.commit()
-            st = os.stat(self.path)
-            self._file = (st.st_dev, st.st_ino)
         except BaseException as exc:
             if self._db is not None:
                 db, self._db = self._db, None

@@ -181,7 +181,10 @@ class PostgresTwinStore(TwinStore):
 
     async def open(self) -> None:
         """Connect and create the schema; StoreUnavailable (never the DSN: it may hold the
-        password) when the server is unreachable or refuses us, within CONNECT_TIMEOUT_S."""
+        password) when the server is unreachable or refuses us, within CONNECT_TIMEOUT_S.
+        Opening an open store does nothing."""
+        if self._pool is not None:
+            return
         try:
             pool = await asyncpg.create_pool(self.dsn, min_size=self.min_size,
                                              max_size=self.max_size, timeout=CONNECT_TIMEOUT_S)

@@ -41,7 +41,7 @@ async def watch_store(store: TwinStore, *, interval_s: float = 2.0, grace_s: flo
             if now - failing_since >= grace_s:
                 log.error("store.lost", reason=reason)
                 raise StoreUnavailable(
-                    f"the store failed every check for {grace_s:.0f} s: {reason}") from exc
+                    f"the store failed every check for {grace_s:g} s: {reason}") from exc
         else:
             if failing_since is not None:
                 log.info("store.recovered", after_s=round(time.monotonic() - failing_since, 1))
