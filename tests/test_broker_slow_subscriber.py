@@ -77,6 +77,30 @@ class RawClient:
     def ping(self) -> None:
         self.sock.sendall(PingReqPacket().to_bytes())
 
+    def read_to_end(self, timeout: float) -> bool:
+        """Read until the broker closes the connection (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                if not self.sock.recv(2**20):
+                    return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            pass
+        return False
+
+    def dawdle(self, pause: float) -> int:
+        """Read nothing for ``pause`` seconds, then everything until 0.5 s of quiet; bytes read."""
+        time.sleep(pause)
+        self.sock.settimeout(0.5)
+        total = 0
+        with contextlib.suppress(TimeoutError):
+            while chunk := self.sock.recv(2**20):
+                total += len(chunk)
+        return total
+
     def close(self) -> None:
         self.sock.close()
 
@@ -157,6 +181,25 @@ async def test_silent_client_is_dropped_after_one_and_a_half_keepalives(
     assert [e["client_id"] for e in expired] == ["silent"]
 
 
+async def test_closing_a_stalled_connection_does_not_wait_for_it() -> None:
+    """amqtt's close waited for the peer to take the last bytes: for a stalled one its reader
+    task waited forever and the connection stayed open after the broker had stopped."""
+    broker = EmbeddedBroker(port=0)
+    await broker.start()
+    with raw_client(broker.port, "stalled") as raw:
+        try:
+            await asyncio.to_thread(raw.connect, 60)
+            await asyncio.to_thread(raw.subscribe, TOPIC, 0)
+            async with BusClient("127.0.0.1", broker.port, client_id="writer") as writer:
+                payload = os.urandom(PAYLOAD)
+                for _ in range(100):  # fills the socket buffers; below the queue limit
+                    await writer.publish(TOPIC, payload, qos=0)
+            await asyncio.sleep(0.5)
+        finally:
+            await broker.stop()
+        assert await asyncio.to_thread(raw.read_to_end, 5.0), "connection still open"
+
+
 class _Traffic:
     """A publisher streaming COUNT messages of PAYLOAD bytes and a normal subscriber."""
 
@@ -185,10 +228,15 @@ class _Traffic:
 
 async def _stall_under_load(broker: EmbeddedBroker, qos: int, ping: bool) -> dict[str, float]:
     """A raw client subscribes with ``qos`` and never reads (pinging or not) while 50 MiB
-    flow; returns when it was dropped, the peak of its queue and the broker's RSS growth."""
-    with raw_client(broker.port, "stalled") as raw:
+    flow; returns when it was dropped, the peak of its queue and the broker's RSS growth.
+    Meanwhile another raw client stops reading for 1.5 s only: it must lose QoS 0 messages
+    beyond the limit, but stay connected."""
+    with raw_client(broker.port, "stalled") as raw, raw_client(broker.port, "dawdler") as slow:
         await asyncio.to_thread(raw.connect, KEEPALIVE)
         await asyncio.to_thread(raw.subscribe, TOPIC, qos)
+        await asyncio.to_thread(slow.connect, 60)
+        await asyncio.to_thread(slow.subscribe, TOPIC, 0)
+        dawdling = asyncio.create_task(asyncio.to_thread(slow.dawdle, 1.5))
         rss0, peak_rss, peak_queue = _rss(), 0, 0
         traffic = _Traffic(broker.port)
         traffic_task = asyncio.create_task(traffic.run())
@@ -210,8 +258,11 @@ async def _stall_under_load(broker: EmbeddedBroker, qos: int, ping: bool) -> dic
         await asyncio.wait_for(traffic_task, 5)
         assert dropped_at is not None, "the stalled client was never dropped"
         await _gone(broker, "stalled")
+        slow_read = await asyncio.wait_for(dawdling, 10)
+        assert _connected(broker, "dawdler"), "a reader pausing for 1.5 s was dropped"
     return {"dropped_at": dropped_at, "peak_queue": peak_queue, "peak_rss": peak_rss,
-            "publish_seconds": traffic.publish_seconds, "received": traffic.received}
+            "publish_seconds": traffic.publish_seconds, "received": traffic.received,
+            "slow_read": slow_read}
 
 
 @pytest.mark.slow
@@ -226,6 +277,7 @@ async def test_stalled_subscriber_is_dropped_at_keepalive_and_others_unaffected(
     assert r["received"] == COUNT, r
     assert r["publish_seconds"] < 10, r
     assert any(e["event"] == "broker.keepalive_expired" for e in logs)
+    _check_dawdler(r, logs)
 
 
 @pytest.mark.slow
@@ -248,3 +300,13 @@ async def test_pinging_non_reader_is_dropped_by_the_queue_limit(
     drops = [e for e in logs if e["event"] == "broker.slow_subscriber_dropped"]
     assert drops and drops[0]["client_id"] == "stalled", logs
     assert drops[0]["queued_bytes"] >= BROKER_QUEUE_BYTES
+    _check_dawdler(r, logs)
+
+
+def _check_dawdler(r: dict[str, float], logs: list[dict[str, object]]) -> None:
+    """The client that paused got what was queued for it, not all 50 MiB, and was kept."""
+    assert BROKER_QUEUE_BYTES <= r["slow_read"] < COUNT * PAYLOAD, r
+    full = [e for e in logs if e["event"] == "broker.subscriber_queue_full"]
+    assert any(e["client_id"] == "dawdler" for e in full), full
+    assert not any(e.get("client_id") == "dawdler" for e in logs
+                   if e["event"] in ("broker.slow_subscriber_dropped", "broker.keepalive_expired"))

@@ -27,11 +27,12 @@ and two things it lacks, which let one stalled subscriber (a client that stops r
 socket) grow the broker by every message published to it, forever (issue 9, finding 5):
 
 * keepalive: amqtt reads with a timeout of the client's keepalive and ignores its expiry
-  (``BrokerProtocolHandler.handle_read_timeout`` does nothing), and closing a connection
-  waits until the peer has taken the last bytes, i.e. never for a stalled one. Now a client
-  from which nothing was read for 1.5 x its keepalive is cut off (MQTT 3.1.1 §3.1.2.10:
+  (``BrokerProtocolHandler.handle_read_timeout`` does nothing). Now a client from which
+  nothing was read for 1.5 x its keepalive is cut off (MQTT 3.1.1 §3.1.2.10:
   ``broker.keepalive_expired``); large packets are read in chunks so that one still arriving
-  counts as activity; and a close gives the peer :data:`_CLOSE_SECONDS` before aborting;
+  counts as activity. amqtt's close first waits for the peer to take the last bytes: for a
+  stalled peer a task waited forever and the socket stayed open, even after the broker
+  stopped; now a close that does not finish within :data:`_CLOSE_SECONDS` aborts;
 * an outgoing queue: amqtt queues a task per message and subscriber, waiting for the socket,
   without bound. Now each connection counts the bytes owed to it (messages accepted and not
   yet written out or acknowledged, plus the socket's write buffer) against
@@ -192,10 +193,15 @@ class _Writer(StreamWriterAdapter):
             super().write(data)
 
     async def close(self) -> None:
+        closed = False
         try:
             await asyncio.wait_for(super().close(), _CLOSE_SECONDS)
+            closed = True
         except (TimeoutError, OSError):
-            self._link.transport.abort()
+            pass
+        finally:  # also when cancelled (amqtt stops a handler from several places)
+            if not closed:
+                self._link.transport.abort()
 
 
 class _Handler(BrokerProtocolHandler):
@@ -209,6 +215,7 @@ class _Handler(BrokerProtocolHandler):
         self._dropped = 0  # QoS 0 messages refused since the queue went over the limit
         self._unacked = 0  # QoS >= 1 messages the client did not acknowledge in time
         self._stall_timer: asyncio.Handle | None = None
+        self._stopped = False
 
     def queued_bytes(self) -> int:
         return self._pending + self.link.buffered()
@@ -230,7 +237,7 @@ class _Handler(BrokerProtocolHandler):
                             reason="no acknowledgement within 5 s: message not redelivered")
             return OutgoingApplicationMessage(None, topic, qos, b"", retain)
         except (Exception, asyncio.CancelledError):
-            if self.link.closed:  # cut off or stopped: the message is simply not delivered
+            if self.link.closed or self._stopped:  # the message is simply not delivered
                 return OutgoingApplicationMessage(None, topic, qos, b"", retain)
             raise
         finally:
@@ -241,7 +248,7 @@ class _Handler(BrokerProtocolHandler):
 
     def _admit(self, qos: int | None) -> bool:
         """Whether a message may join this connection's queue (module docstring)."""
-        if self.link.closed:
+        if self.link.closed or self._stopped:
             return False
         self.link.send_idle()  # keeps track of when bytes last left
         queued = self.queued_bytes()
@@ -288,6 +295,7 @@ class _Handler(BrokerProtocolHandler):
     async def stop(self) -> None:
         """Also cancel the publishes still queued: amqtt lets each wait for the socket, then up
         to 5 s for an acknowledgement, keeping its payload alive meanwhile."""
+        self._stopped = True
         await super().stop()
         if self._stall_timer is not None:
             self._stall_timer.cancel()

@@ -1,4 +1,5 @@
-"""The brokers' packet size limit, derived from the registered message kinds.
+"""The brokers' packet size limit, derived from the registered message kinds, and the embedded
+broker's bound on what it queues for one connection.
 
 Importing the protocol modules registers every kind, so :func:`broker_max_packet` is the
 largest kind's ``max_size`` plus header room (:func:`ciphertwin.bus.envelope.max_packet_size`):
@@ -23,7 +24,9 @@ def broker_max_packet() -> int:
 # for QoS >= 1, not yet acknowledged), plus its socket's write buffer.
 
 BROKER_QUEUE_BYTES = 8 * 2**20
-"""Above this, QoS 0 messages to the connection are dropped (counted, logged once)."""
+"""Above this, QoS 0 messages to the connection are dropped (counted, logged once). A client
+that reads does not come near it (the bus client reads eagerly into its own queues): 8 MiB is
+thousands of twin items, several seconds of the cloud's ingest at full rate."""
 
 BROKER_STALL_SECONDS = 5.0
 """Above BROKER_QUEUE_BYTES with no byte leaving for this long: the connection is closed."""
