@@ -436,10 +436,11 @@ operator_key = "{self.home / 'operator' / 'public.key'}"
         self.broker.start()
         self.cloud.start()
         self.cli("owner", "register", "--name", OWNER)
-        self.cli_all(*(["owner", "enroll-device", "--name", OWNER, "--twin", TWIN,
-                        "--device", name, "--out", str(self.root / f"{name}.bundle"),
-                        "--source", json.dumps(self.sensor_source(name))]
-                       for name in self.device_names))
+        for name in self.device_names:  # one at a time: the owner's control messages are
+            # sequenced (the cloud refuses a concurrent one as "stale or replayed")
+            self.cli("owner", "enroll-device", "--name", OWNER, "--twin", TWIN,
+                     "--device", name, "--out", str(self.root / f"{name}.bundle"),
+                     "--source", json.dumps(self.sensor_source(name)))
         if self.broker_kind == "mosquitto":  # the new device logins: emit again, SIGHUP
             self.emit_mosquitto()
             assert self.broker.proc is not None
@@ -547,10 +548,13 @@ operator_key = "{self.home / 'operator' / 'public.key'}"
         return int(next_seq) - 1, int(pending)
 
     def generated(self, device: str) -> list[int]:
+        """Counters the sensor of ``device`` delivered into its pipe (``!n``: refused)."""
         try:
-            return [int(x) for x in self.sensor_log(device).read_text().split()]
+            words = self.sensor_log(device).read_text().split()
         except FileNotFoundError:
             return []
+        refused = {w[1:] for w in words if w.startswith("!")}
+        return [int(w) for w in words if not w.startswith("!") and w not in refused]
 
     def finish(self, timeout: float = 60.0) -> None:
         """Stop the sensors and wait until every committed item is stored and acknowledged."""

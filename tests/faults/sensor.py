@@ -2,8 +2,9 @@
 
 Prints one JSON reading per line at a steady rate; each carries a per-device counter ``n``
 that continues across restarts (every counter is appended to ``--log`` *before* its line is
-written, so a counter is never used twice even if the sensor is killed in between), so every
-reading the sensor ever produced is identifiable in the twin's history. Stops (exit 0, so the
+written, so a counter is never used twice even if the sensor is killed in between; a line the
+pipe refused — the agent had died — is marked ``!n``), so every reading the sensor ever
+produced is identifiable in the twin's history. Stops (exit 0, so the
 device sees end of input) when ``--stop`` exists.
 
     python sensor.py --log DIR/d1.sensor --rate 20 --stop DIR/stop [--pad 0]
@@ -24,7 +25,7 @@ def _last_counter(path: str) -> int:
             lines = f.read().split()
     except FileNotFoundError:
         return 0
-    return int(lines[-1]) if lines else 0
+    return int(lines[-1].lstrip(b"!")) if lines else 0
 
 
 def main() -> int:
@@ -46,7 +47,8 @@ def main() -> int:
         try:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
-        except BrokenPipeError:  # the device agent died: the line was not delivered
+        except BrokenPipeError:  # the device agent died: this line was never delivered
+            log.write(f"!{n}\n")
             return 1
         k += 1
         delay = start + k * period - time.monotonic()
