@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from typing import Any
 
@@ -14,6 +13,7 @@ from ciphertwin.config.passwords import generate_password
 from ciphertwin.config.principals import Principal, Role
 from ciphertwin.config.settings import load_deployment
 from ciphertwin.errors import ValidationError
+from ciphertwin.lifecycle import run_until_signalled
 
 
 def register(subparsers: Any) -> None:
@@ -49,14 +49,11 @@ def register(subparsers: Any) -> None:
 
 
 async def _serve(broker: EmbeddedBroker) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    """Serve until cancelled (SIGINT/SIGTERM, by :func:`run_until_signalled`)."""
     async with broker:
         print(f"ciphertwin broker listening on {broker.url} "
               f"({'OPEN: no auth' if broker.open else 'auth + ACLs'}); Ctrl-C stops", flush=True)
-        await stop.wait()
+        await asyncio.Event().wait()
 
 
 def _broker(args: argparse.Namespace) -> Any:
@@ -69,7 +66,7 @@ def _broker(args: argparse.Namespace) -> Any:
         return 0
     if deployment.broker.mode != "embedded":
         raise ValidationError("broker.mode is 'external': use --emit-mosquitto DIR for Mosquitto")
-    return _serve(EmbeddedBroker(deployment, port=args.port))
+    return run_until_signalled(_serve(EmbeddedBroker(deployment, port=args.port)), name="broker")
 
 
 def _clients_add(args: argparse.Namespace) -> int:

@@ -38,11 +38,6 @@ from ciphertwin.errors import CipherTwinError
 log = structlog.get_logger(__name__)
 
 
-class StoreUnavailable(CipherTwinError):
-    """The store cannot be opened, or was lost while running: the service must exit (non-zero)
-    so that its supervisor restarts it, instead of running on without storage."""
-
-
 @dataclass(frozen=True, slots=True)
 class StoredEnvelope:
     """One data envelope as the cloud keeps it (opaque, signed ciphertext)."""
@@ -114,7 +109,9 @@ Stored = Outcome | Unstorable
 
 
 class StoreUnavailable(CipherTwinError):
-    """The store failed for a reason of its own, not an envelope's: nothing is acknowledged."""
+    """The store failed for a reason of its own, not an envelope's: nothing is acknowledged.
+    Raised too when the store cannot be opened or was lost while running: the service then
+    exits (non-zero) so that its supervisor restarts it, instead of running without storage."""
 
 
 class Fault(Enum):
