@@ -52,6 +52,18 @@ class Rig:
     producing: asyncio.Event
     ended: asyncio.Event
 
+    async def broker_stop(self) -> None:
+        try:
+            await asyncio.wait_for(self.broker.stop(), 15)
+        except TimeoutError:
+            raise AssertionError("the embedded broker (amqtt) took > 15 s to shut down") from None
+
+    async def broker_start(self) -> None:
+        try:
+            await asyncio.wait_for(self.broker.start(), 15)
+        except TimeoutError:
+            raise AssertionError("the embedded broker (amqtt) took > 15 s to start") from None
+
     async def stop_producing(self) -> None:
         """Stop the sensor and wait until its last reading is in the outbox."""
         self.producing.clear()
@@ -61,9 +73,15 @@ class Rig:
         """Seconds until ``cond()`` holds (fails the test after ``timeout``)."""
         t0 = time.monotonic()
         while not cond():
-            assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout} s"
+            assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout} s ({self})"
             await asyncio.sleep(0.02)
         return time.monotonic() - t0
+
+    def __str__(self) -> str:
+        a = self.agent
+        return (f"produced {a.produced}, acknowledged {a.acknowledged}, in flight "
+                f"{len(a._inflight)}, device connected {a.bus.connected}, cloud connected "  # noqa: SLF001
+                f"{self.cloud.bus.connected}, cloud stored {self.cloud.ingest.stored}")
 
     async def stored_seqs(self) -> list[int]:
         return sorted(e.seq for e in await self.cloud.store.history("t1", limit=100_000))
@@ -124,12 +142,12 @@ async def test_device_resumes_within_5_s_after_an_outage_longer_than_its_publish
         a = r.agent
         with capture_logs() as logs:
             await r.until(lambda: a.acknowledged >= 20, 10, "streaming before the outage")
-            await r.broker.stop()
+            await r.broker_stop()
             produced_at_stop = a.produced
             await asyncio.sleep(3 * PUBLISH_TIMEOUT)
             assert a.produced > produced_at_stop + 50, "the producer kept filling the outbox"
             acked_at_return = a.acknowledged
-            await r.broker.start()
+            await r.broker_start()
             resumed = await r.until(lambda: a.acknowledged > acked_at_return, 15,
                                     "device resumed sending")
             await asyncio.sleep(1.0)  # and goes on streaming
