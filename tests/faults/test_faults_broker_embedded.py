@@ -1,0 +1,14 @@
+"""SIGKILL of the embedded broker (`ciphertwin broker`), restarted after 3 s and after 30 s."""
+
+from __future__ import annotations
+
+import pytest
+from fault_checks import check_broker_outages
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+@pytest.mark.timeout(240)
+def test_embedded_broker_sigkill_3s_then_30s(make_lab) -> None:  # type: ignore[no-untyped-def]
+    # one deployment, two outages: a short one, then one far beyond every back-off
+    check_broker_outages(make_lab("embedded"), [3, 30])
