@@ -23,6 +23,7 @@ from ciphertwin.agents.owner import OwnerAgent
 from ciphertwin.agents.sources import Reading
 from ciphertwin.broker.embedded import EmbeddedBroker, free_port
 from ciphertwin.bus.client import BusClient
+from ciphertwin.bus.envelope import max_size_of
 from ciphertwin.cloud_twin.reencryption import ReencryptionPool
 from ciphertwin.cloud_twin.service import CloudTwin
 from ciphertwin.cloud_twin.store import SqliteTwinStore
@@ -100,7 +101,8 @@ async def _readings(producing: asyncio.Event, ended: asyncio.Event) -> AsyncIter
 
 
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path, *, resend_after: float = 1.0, window: int = 256
+              ) -> AsyncIterator[Rig]:
     port = free_port()
     prefix = f"ct-outage-{secrets.token_hex(3)}/v1"
     broker = EmbeddedBroker(port=port)
@@ -123,7 +125,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
             enroll_from_bundle(bundle, tmp_path / "d1")
             config = load_enrolled_device(tmp_path / "d1")
             async with FlakyOutbox(tmp_path / "d1" / "outbox.db") as outbox:
-                agent = DeviceAgent(config, dev_bus, outbox, resend_after=1.0)
+                agent = DeviceAgent(config, dev_bus, outbox, resend_after=resend_after,
+                                    window=window)
                 producing, ended = asyncio.Event(), asyncio.Event()
                 producing.set()
                 runner = asyncio.create_task(agent.run(_readings(producing, ended)))
@@ -206,4 +209,30 @@ async def test_a_failing_ingest_stage_is_logged_and_restarted(tmp_path: Path) ->
         failed = [e for e in logs if e["event"] == "task.failed"]
         assert [(e["task"], e["error"]) for e in failed] == [
             ("ingest:prepare", "RuntimeError: injected stage failure")]
+        assert await r.stored_seqs() == list(range(1, a.produced + 1))
+
+
+async def test_items_sent_before_the_cloud_resubscribed_are_resent_within_about_1_s(
+        tmp_path: Path) -> None:
+    """After a broker restart a device often reconnects before the cloud has subscribed
+    again: the broker drops what the device sends meanwhile. With a full window the device
+    can send nothing new until it resends, so after a reconnect it resends after
+    ``resend_after_reconnect`` (1 s) until the first acknowledgement, not ``resend_after``."""
+    async with rig(tmp_path, resend_after=5.0, window=8) as r:
+        a, cloud = r.agent, r.cloud
+        data = cloud.topics.filter("twin_data")
+        await r.until(lambda: a.acknowledged >= 8, 10, "streaming before the restart")
+        await cloud.bus.unsubscribe(data)  # the cloud is not back on the data topic yet
+        await r.broker_stop()
+        await r.broker_start()
+        await r.until(lambda: a.bus.connected and a.bus.reconnects > 0
+                      and len(a._inflight) >= 8, 15, "device back, window full")  # noqa: SLF001
+        acked = a.acknowledged
+        await cloud.bus.subscribe(data, cloud._on_data,  # noqa: SLF001 - the cloud is back
+                                  max_payload=max_size_of("item"))
+        resumed = await r.until(lambda: a.acknowledged > acked, 15, "acknowledged again")
+        await r.stop_producing()
+        assert await a.drained(20)
+        print(f"\nfirst acknowledgement {resumed:.2f} s after the cloud resubscribed")
+        assert resumed <= 2.5, "resent only after resend_after, not soon after the reconnect"
         assert await r.stored_seqs() == list(range(1, a.produced + 1))

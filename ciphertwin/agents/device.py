@@ -49,7 +49,12 @@ class DeviceAgent:
     """Run with ``await agent.run(source)``; ``stop()`` ends it after flushing what it can."""
 
     def __init__(self, config: DeviceConfig, bus: BusClient, outbox: Outbox, *,
-                 expand: Expand = _as_is, window: int = 256, resend_after: float = 5.0) -> None:
+                 expand: Expand = _as_is, window: int = 256, resend_after: float = 5.0,
+                 resend_after_reconnect: float = 1.0) -> None:
+        """``resend_after``: seconds an unacknowledged item waits before it is sent again;
+        ``resend_after_reconnect``: the same, shorter, from a reconnect of the bus until the
+        first acknowledgement — the items sent right after a broker restart often reach it
+        before the cloud has subscribed again, and the broker drops them."""
         self.config, self.bus, self.outbox = config, bus, outbox
         self.creds = DeviceCredentials(config.twin, config.device, config.identity.signing,
                                        config.write_token.to_bytes())
@@ -57,6 +62,8 @@ class DeviceAgent:
         self.rules: AttributeRules = config.attribute_rules()
         self.expand = expand
         self.window, self.resend_after = window, resend_after
+        self.resend_after_reconnect = min(resend_after, resend_after_reconnect)
+        self._acked_on = -1  # bus.reconnects when the last acknowledgement arrived (-1: none yet)
         self._sent_upto = 0
         self._inflight: dict[int, float] = {}
         self._refused: set[int] = set()
@@ -91,6 +98,7 @@ class DeviceAgent:
     # -- sending ------------------------------------------------------------------------
     async def _on_ack(self, topic: str, payload: bytes, retain: bool) -> None:
         ack = decode(payload, "ack")
+        self._acked_on = self.bus.reconnects
         if ack["seqs"]:
             self.acknowledged += await self.outbox.acknowledge(ack["seqs"])
         for seq in ack["seqs"]:
@@ -121,15 +129,24 @@ class DeviceAgent:
             if batch:
                 continue
             self._wake.clear()
+            resend_after = self._resend_after()
             try:
-                await asyncio.wait_for(self._wake.wait(), self.resend_after / 2)
+                await asyncio.wait_for(self._wake.wait(), resend_after / 2)
             except TimeoutError:
                 pass
             oldest = min(self._inflight.values(), default=None)
-            if oldest is not None and loop.time() - oldest > self.resend_after:
-                log.info("device.resending", unacknowledged=len(self._inflight))
+            if oldest is not None and loop.time() - oldest > resend_after:
+                log.info("device.resending", unacknowledged=len(self._inflight),
+                         after_s=resend_after)
                 self._inflight.clear()
                 self._sent_upto = 0  # publish every pending item again, oldest first
+
+    def _resend_after(self) -> float:
+        """Short while nothing was acknowledged since the bus (re)connected (see
+        ``resend_after_reconnect``), else ``resend_after``."""
+        if self.bus.reconnects != self._acked_on:
+            return self.resend_after_reconnect
+        return self.resend_after
 
     async def _publish(self, seq: int, payload: bytes) -> bool:
         """Publish one item, waiting through outages; False (logged, after a pause) if the

@@ -47,7 +47,13 @@ import structlog
 
 from ciphertwin.bus.budget import ByteBudget
 from ciphertwin.bus.envelope import Envelope, encode, unpack_checked
-from ciphertwin.cloud_twin.store import Outcome, StoredEnvelope, TwinStore, Unstorable
+from ciphertwin.cloud_twin.store import (
+    Outcome,
+    StoredEnvelope,
+    StoreUnavailable,
+    TwinStore,
+    Unstorable,
+)
 from ciphertwin.cloud_twin.trust import Owner, Rejected, TrustRegistry
 from ciphertwin.crypto.errors import SignatureInvalid
 from ciphertwin.crypto.kpcpre import Capsule
@@ -257,6 +263,42 @@ def _discard(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+class _StoreOutage:
+    """While the store fails (a full disk, a lost database) every batch would fail at once:
+    retrying at full speed only floods the log and burns CPU. So back off (doubling, up to
+    ``cap`` s) before the next batch, log the outage once when it starts, a summary every
+    ``every`` s, and its length when it ends. Devices keep the items meanwhile."""
+
+    def __init__(self, *, first: float = 0.1, cap: float = 2.0, every: float = 10.0) -> None:
+        self.first, self.cap, self.every = first, cap, every
+        self.since: float | None = None
+        self.batches = self.items = 0
+        self._delay = first
+        self._logged = 0.0
+
+    async def failed(self, items: int, reason: str) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since, self._logged = now, now
+            log.error("ingest.store_unavailable", reason=reason,
+                      hint="nothing is acknowledged; devices keep their items and resend")
+        elif now - self._logged >= self.every:
+            self._logged = now
+            log.error("ingest.store_still_unavailable", reason=reason, batches=self.batches + 1,
+                      items=self.items + items, for_s=round(now - self.since, 1))
+        self.batches += 1
+        self.items += items
+        await asyncio.sleep(self._delay)
+        self._delay = min(self.cap, self._delay * 2)
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            log.warning("ingest.store_recovered", failed_batches=self.batches,
+                        unacknowledged_items=self.items,
+                        outage_s=round(time.monotonic() - self.since, 1))
+            self.since, self.batches, self.items, self._delay = None, 0, 0, self.first
+
+
 class IngestPipeline:
     """Queue → batch checks → one commit → acks → ``on_stored`` for the new items."""
 
@@ -305,14 +347,20 @@ class IngestPipeline:
         prepared: asyncio.Queue[Prepared] = asyncio.Queue(1)
         helpers = [spawn("ingest:prepare", functools.partial(self._prepare_forever, prepared)),
                    spawn("ingest:finish", self._finish_forever)]  # a stage never dies silently
+        outage = _StoreOutage()
         try:
             while True:
                 batch = await prepared.get()
                 try:
                     result = await self.check_and_store(batch)
+                except StoreUnavailable as exc:  # nothing acknowledged: devices resend
+                    await outage.failed(len(batch.decoded), str(exc))
+                    continue
                 except Exception:  # noqa: BLE001 - keep ingesting; nothing was acknowledged
                     log.exception("ingest.batch_failed", size=len(batch.decoded))
                     continue
+                if result.accepted:  # a batch of duplicates only writes nothing: proves nothing
+                    outage.recovered()
                 await self._committed.put(result)
         finally:
             for task in helpers:
