@@ -9,7 +9,7 @@ Services, tests and demos start it in-process::
 
 It can be stopped and started again on the same port (reconnect tests).
 
-Two things amqtt 0.12.1 gets wrong are fixed here (:class:`_Broker`):
+Three things amqtt 0.12.1 gets wrong are fixed here (:class:`_Broker`):
 
 * packet size: amqtt reads any packet a client announces, up to 256 MiB. A read larger than
   :func:`~ciphertwin.broker.limits.broker_max_packet` (the largest message kind plus header
@@ -22,6 +22,10 @@ Two things amqtt 0.12.1 gets wrong are fixed here (:class:`_Broker`):
   requires), so that client notices and reconnects. (A CONNECT *without* a clean session
   still reaches amqtt's own handling of a persistent session before it is authenticated; no
   ciphertwin client asks for one.)
+* the subscription table is walked while awaiting the ACL plugins: a SUBSCRIBE or a
+  disconnect meanwhile killed the broadcast (``dictionary changed size during iteration``)
+  and the message was lost for the remaining subscribers. It is walked over a snapshot
+  (:class:`_Subscriptions`).
 
 and two things it lacks, which let one stalled subscriber (a client that stops reading its
 socket) grow the broker by every message published to it, forever (issue 9, finding 5):
@@ -51,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -318,6 +323,21 @@ class _Sessions(dict):  # type: ignore[type-arg]
             super().__setitem__(client_id, entry)
 
 
+class _Subscriptions(dict):  # type: ignore[type-arg]
+    """amqtt's subscription table (filter -> [(session, qos)]), walked over a snapshot.
+
+    amqtt awaits the ACL plugins for each subscriber *inside* its walk of this table
+    (``_run_broadcast``, and when a client connects): a SUBSCRIBE or a disconnect handled
+    meanwhile changed the table, the walk died with ``RuntimeError: dictionary changed size
+    during iteration``, and the message never reached the remaining subscribers."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def items(self) -> list[tuple[str, list[tuple[Session, int]]]]:  # type: ignore[override]
+        return [(k, list(v)) for k, v in super().items()]
+
+
 class _Broker(Broker):
     """amqtt's broker with a packet size limit and an authenticated, visible takeover (see
     the module docstring; these override amqtt 0.12.1 internals, pinned in pyproject)."""
@@ -326,6 +346,7 @@ class _Broker(Broker):
         super().__init__(config)
         self.max_packet, self.max_queued = max_packet, max_queued
         self._sessions = _Sessions()
+        self._subscriptions = _Subscriptions()
 
     async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                listener_name: str) -> None:
