@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
+from ports import port_open
 
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 MOSQUITTO = ("127.0.0.1", 1883)
@@ -21,8 +14,8 @@ POSTGRES = ("127.0.0.1", 5432)
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip, with a loud reason, tests whose external service is not running."""
-    have_mosquitto = _port_open(*MOSQUITTO)
-    have_postgres = _port_open(*POSTGRES)
+    have_mosquitto = port_open(MOSQUITTO[1], MOSQUITTO[0], 0.5)
+    have_postgres = port_open(POSTGRES[1], POSTGRES[0], 0.5)
     for item in items:
         if "mosquitto" in item.keywords and not have_mosquitto:
             item.add_marker(pytest.mark.skip(reason="Mosquitto is NOT running on 127.0.0.1:1883"))
@@ -32,6 +25,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
-        f"mosquitto 127.0.0.1:1883: {'up' if _port_open(*MOSQUITTO) else 'ABSENT - tests skipped'}",
-        f"postgres 127.0.0.1:5432: {'up' if _port_open(*POSTGRES) else 'ABSENT - tests skipped'}",
+        f"mosquitto 127.0.0.1:1883: {'up' if port_open(MOSQUITTO[1], MOSQUITTO[0], 0.5) else 'ABSENT - tests skipped'}",
+        f"postgres 127.0.0.1:5432: {'up' if port_open(POSTGRES[1], POSTGRES[0], 0.5) else 'ABSENT - tests skipped'}",
     ]

@@ -8,7 +8,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import wait_for_port
 
 from ciphertwin.broker.embedded import EmbeddedBroker, free_port
 from ciphertwin.broker.mosquitto import emit_mosquitto
@@ -65,18 +65,6 @@ class Running:
                          connect_timeout=5, publish_timeout=3, **kw)  # type: ignore[arg-type]
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited: {proc.stdout.read().decode()[-800:]}")  # type: ignore[union-attr]
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("mosquitto did not open its port")
-
 
 @contextlib.contextmanager
 def run_generated_mosquitto(deployment: Deployment, tmp_path: Path) -> Iterator[Running]:
@@ -89,7 +77,7 @@ def run_generated_mosquitto(deployment: Deployment, tmp_path: Path) -> Iterator[
     proc = subprocess.Popen([MOSQUITTO, "-c", str(files.conf)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        _wait_port(port, proc)
+        wait_for_port(port, proc, timeout=5, what="mosquitto")
 
         def reload() -> None:
             emit_mosquitto(deployment, tmp_path / "mosquitto", port=port, run_as=run_as)

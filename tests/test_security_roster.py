@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from ports import wait_for_port
 
 from ciphertwin.agents.identity import Identity, is_encrypted, load_identity, save_identity
 from ciphertwin.agents.operator_cli import pinned_operator
@@ -353,7 +353,7 @@ def test_operator_cli_publishes_rosters_and_refuses_jumps_moves_and_other_signer
     broker = subprocess.Popen([sys.executable, "-m", "ciphertwin.cli", "--log-level", "WARNING",
                                "broker", "--config", str(config)])
     try:
-        _wait_port(port)
+        wait_for_port(port)
         code, out = publish("operator")
         assert code == 0 and "roster v1 published: node0, node1, node2" in out
         code, out = publish("mallory")  # an owner's key is not the operator's
@@ -370,13 +370,3 @@ def test_operator_cli_publishes_rosters_and_refuses_jumps_moves_and_other_signer
         broker.wait(10)
 
 
-def _wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)

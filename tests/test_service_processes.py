@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ports import wait_for_port
 
 from ciphertwin.agents.cli import BROKER_SECRET
 from ciphertwin.agents.identity import Identity, save_identity, write_private_file
@@ -84,17 +85,6 @@ class World:
                 and c.status == psutil.CONN_ESTABLISHED]
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the broker exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("the broker did not open its port")
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
@@ -122,7 +112,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                "broker", "--config", str(config)])
     w = World(root, config, port, broker)
     try:
-        _wait_port(port, broker)
+        wait_for_port(port, broker)
         yield w
     finally:
         for proc in [*w.procs, broker]:

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ports import port_open  # tests/ (pytest puts it on sys.path; soak.py does too)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SENSOR = HERE / "sensor.py"
@@ -58,13 +60,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        socket.create_connection((host, port), 0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
