@@ -3,7 +3,9 @@
 Each re-encryption costs a multi-pairing (~1 ms) plus parsing and validating the capsule's
 points, so the cloud never does it on its event loop. Workers keep the parsed re-keys and
 capsules they have seen, so a grant's key is parsed once per worker, not once per item.
-Inputs and outputs cross the process boundary as bytes only.
+Inputs and outputs cross the process boundary as bytes only. A capsule is re-encrypted for
+several grants at once (a processing job: one per node), so work is cut into chunks that keep
+a capsule's pairs together, and a worker parses each capsule's points once per chunk.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 from ciphertwin.crypto.errors import KeyMismatch, PolicyNotSatisfied
-from ciphertwin.crypto.kpcpre import ReKey, reencrypt_encoded
+from ciphertwin.crypto.kpcpre import EncodedCapsule, ReKey, reencrypt_encoded
 from ciphertwin.errors import ValidationError
 from ciphertwin.workers import worker_pool
 
@@ -39,14 +41,39 @@ def reencrypt_batch(work: Sequence[tuple[bytes, bytes]]) -> list[bytes | str]:
     """Worker: (rekey bytes, capsule bytes) -> recapsule bytes, or the reason it failed.
 
     Capsules are decoded from bytes with only the points the policy uses (the cloud
-    validated every point at ingest; the ones used here are validated again anyway)."""
+    validated every point at ingest; the ones used here are validated again anyway), once per
+    distinct capsule in the batch."""
     out: list[bytes | str] = []
+    parsed: dict[bytes, EncodedCapsule | str] = {}
     for rekey_bytes, capsule_bytes in work:
         try:
-            out.append(reencrypt_encoded(_rekey(rekey_bytes), capsule_bytes).to_bytes())
+            capsule = parsed.get(capsule_bytes)
+            if capsule is None:
+                try:
+                    capsule = parsed[capsule_bytes] = EncodedCapsule(capsule_bytes)
+                except ValidationError as exc:
+                    capsule = parsed[capsule_bytes] = f"{type(exc).__name__}: {exc}"
+            if isinstance(capsule, str):
+                out.append(capsule)
+                continue
+            out.append(reencrypt_encoded(_rekey(rekey_bytes), capsule).to_bytes())
         except (PolicyNotSatisfied, KeyMismatch, ValidationError) as exc:
             out.append(f"{type(exc).__name__}: {exc}")
     return out
+
+
+def capsule_chunks(work: Sequence[tuple[bytes, bytes]], parts: int) -> list[list[int]]:
+    """Indices of ``work`` cut into about ``parts`` chunks, a capsule's pairs never split."""
+    groups: dict[bytes, list[int]] = {}
+    for i, (_, capsule) in enumerate(work):
+        groups.setdefault(capsule, []).append(i)
+    size = max(1, -(-len(work) // max(1, parts)))
+    chunks: list[list[int]] = [[]]
+    for members in groups.values():
+        if len(chunks[-1]) >= size:
+            chunks.append([])
+        chunks[-1].extend(members)
+    return [c for c in chunks if c]
 
 
 class ReencryptionPool:
@@ -67,12 +94,15 @@ class ReencryptionPool:
         if not work:
             return []
         loop = asyncio.get_running_loop()
-        size = max(1, -(-len(work) // self.workers))
-        chunks = [work[i : i + size] for i in range(0, len(work), size)]
-        parts = await asyncio.gather(
-            *(loop.run_in_executor(self._executor, reencrypt_batch, list(c)) for c in chunks)
-        )
-        return [r for part in parts for r in part]
+        chunks = capsule_chunks(work, self.workers)
+        parts = await asyncio.gather(*(
+            loop.run_in_executor(self._executor, reencrypt_batch, [work[i] for i in c])
+            for c in chunks))
+        out: list[bytes | str] = [""] * len(work)
+        for chunk, part in zip(chunks, parts, strict=True):
+            for i, result in zip(chunk, part, strict=True):
+                out[i] = result
+        return out
 
     @property
     def executor(self) -> Executor:
