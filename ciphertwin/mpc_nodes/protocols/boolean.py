@@ -20,7 +20,7 @@ from ciphertwin.mpc_nodes.errors import MpcValidationError
 from ciphertwin.mpc_nodes.party import Party
 from ciphertwin.mpc_nodes.protocols.arithmetic import product_terms, reshare
 from ciphertwin.mpc_nodes.protocols.bitslice import bitslice, unslice_bit
-from ciphertwin.mpc_nodes.ring import DTYPE, check_bits, low_mask
+from ciphertwin.mpc_nodes.ring import DTYPE, check_bits
 from ciphertwin.mpc_nodes.shares import ArithShare, BoolShare, words_for
 
 
@@ -56,7 +56,7 @@ async def _share_y(party: Party, x: ArithShare, bits: int, words: int) -> tuple[
     zeros = np.zeros((bits, words), dtype=DTYPE)
     round_, op = party.new_op()
     if party.index == 0:
-        y = bitslice((x.own + x.nxt) & low_mask(bits), bits)
+        y = bitslice(x.own, bits, plus=x.nxt)
         y1 = party.rand.next.words(round_, op, bits * words).reshape(bits, words)
         y0 = y ^ y1
         await party.exchange(y0, None)
@@ -76,8 +76,8 @@ def _x2_planes(party: Party, x: ArithShare, bits: int, words: int) -> tuple[np.n
     if party.index == 0:
         return zeros, zeros
     if party.index == 1:
-        return zeros, bitslice(x.nxt & low_mask(bits), bits)
-    return bitslice(x.own & low_mask(bits), bits), zeros
+        return zeros, bitslice(x.nxt, bits)
+    return bitslice(x.own, bits), zeros
 
 
 async def _carry_tree(
