@@ -30,7 +30,7 @@ from ciphertwin.mpc_nodes.shares import ArithShare
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
-KEEP_FREE_BYTES = 1 << 30
+KEEP_FREE_BYTES = (1 << 31) - 1
 
 
 @functools.cache
