@@ -69,9 +69,10 @@ def make_workload(points: int, per_user: int, duplicates: float, window: int
     user_row = np.repeat(np.arange(users, dtype=np.int64), per_user)
     extra = int(duplicates * users * per_user)
     if extra:  # a second reading in some (user, epoch): readings stay ordered by (row, epoch)
-        pick = np.sort(np.frombuffer(os.urandom(8 * extra), np.uint64) % np.uint64(users * per_user))
-        user_epoch = np.insert(user_epoch, pick.astype(np.int64), user_epoch[pick.astype(np.int64)])
-        user_row = np.insert(user_row, pick.astype(np.int64), user_row[pick.astype(np.int64)])
+        raw = np.frombuffer(os.urandom(8 * extra), np.uint64) % np.uint64(users * per_user)
+        pick = np.sort(raw).astype(np.int64)
+        user_epoch = np.insert(user_epoch, pick, user_epoch[pick])
+        user_row = np.insert(user_row, pick, user_row[pick])
     n = len(user_epoch)
     plain = {
         "user_x": ref_x[user_epoch] + uniform((n,), 300),
@@ -79,7 +80,8 @@ def make_workload(points: int, per_user: int, duplicates: float, window: int
         "ref_x": ref_x,
         "ref_y": ref_y,
     }
-    layout = Layout.build(per_user, user=(users, user_row, user_epoch), reference=(1, np.zeros(per_user, np.int64), epochs))
+    layout = Layout.build(per_user, user=(users, user_row, user_epoch),
+                          reference=(1, np.zeros(per_user, np.int64), epochs))
     return plain, layout, {"radius": 200, "coord_bits": 20, "window": window}
 
 

@@ -225,7 +225,8 @@ async def protocol(party: Party, p: ContactParams, inputs: Mapping[str, ArithSha
     if plan.multi:
         per_group = segment_sums(hits, plan.group, plan.groups)
         several = plan.sizes > 1
-        counts = await reshare(party, mask_additive(party, per_group[several]), bits=plan.count_bits)
+        counts = await reshare(party, mask_additive(party, per_group[several]),
+                               bits=plan.count_bits)
         positive = await ltz(party, -counts, plan.count_bits)
         per_group[several] = await b2a_additive(party, positive)
         per_row = segment_sums(per_group, plan.group_row, plan.users)
@@ -247,7 +248,8 @@ def reference(p: ContactParams, inputs: Mapping[str, np.ndarray], layout: Layout
     ux, uy, rx, ry = (_bounded(inputs[n], p.coord_bits, n)
                       for n in ("user_x", "user_y", "ref_x", "ref_y"))
     d2 = (plan.at_user(ux) - rx[plan.ref]) ** 2 + (plan.at_user(uy) - ry[plan.ref]) ** 2
-    any_close = np.bincount(plan.group, weights=(d2 < p.r2).astype(np.float64), minlength=plan.groups) > 0
+    close = (d2 < p.r2).astype(np.float64)
+    any_close = np.bincount(plan.group, weights=close, minlength=plan.groups) > 0
     return np.bincount(plan.group_row, weights=any_close, minlength=plan.users).astype(DTYPE)
 
 
