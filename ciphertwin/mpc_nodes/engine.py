@@ -44,7 +44,7 @@ def reuse_freed_memory() -> bool:
     arrays up to 32 MiB come from the heap and up to 2 GiB of freed heap is kept, so they are
     reused (a 500 k-pair job entirely; bit planes and most temporaries at 5 M); larger arrays
     stay fresh mappings, whose transparent huge pages make a first touch cheaper than a
-    grown heap does (measured: disabling mmap entirely made the first job ~40 % slower).
+    grown heap does (disabling mmap entirely made the first 5 M-pair job slower here).
     Memory stays flat at the largest job. A no-op (False) where mallopt is unavailable.
     """
     try:
