@@ -36,10 +36,10 @@ How, and why it costs what it costs:
    reshare (1 round, ℓ' bits), sign with ℓ' = max(2, ⌈log2 k_max⌉ + 1), bit → ring (1 round).
    Which groups have several pairs is public, so no secret decides anything. Why a count
    and not an OR tree over each group's bits: summing is free for groups of any size, and
-   the count's comparison costs 2 + ⌈log2(ℓ'−1)⌉ rounds with ℓ' ≈ log2 k_max — at most 8
-   more whatever a device sends — while an OR tree needs ⌈log2 k_max⌉ rounds, fewer for a
-   few duplicates but growing with the busiest (user, epoch). Groups of one pair, the usual
-   case, skip it altogether.
+   the count's comparison costs 2 + ⌈log2(ℓ'−1)⌉ rounds with ℓ' ≈ log2 k_max — with its
+   reshare and bit → ring at most 9 more rounds, whatever a device sends — while an OR tree
+   needs ⌈log2 k_max⌉ rounds, fewer for a few duplicates but growing with the busiest
+   (user, epoch). Groups of one pair, the usual case, skip it altogether.
 5. **Per-user sums** of the group bits are local (prefix sums on the share halves).
 
 Rounds (inputs not counted): 1 + (2 + ⌈log2(ℓ−1)⌉) + 1 = 10 for 33 < ℓ ≤ 64 (9 for 17 < ℓ ≤ 33),
