@@ -225,7 +225,9 @@ async def protocol(party: Party, p: ContactParams, inputs: Mapping[str, ArithSha
     dy = plan.at_user(inputs["user_y"]) - inputs["ref_y"][plan.ref]
     dist = await inner(party, [(dx, dx), (dy, dy)], bits=p.bits)
     del dx, dy
-    close = await ltz(party, dist.add_public(-p.r2), p.bits)
+    dist = dist.add_public(-p.r2)  # rebinding frees D's arrays before the sign circuit
+    close = await ltz(party, dist, p.bits)
+    del dist
     hits = await b2a_additive(party, close)  # additive share of each pair's bit
     if plan.multi:
         per_group = segment_sums(hits, plan.group, plan.groups)
