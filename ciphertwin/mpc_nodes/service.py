@@ -548,7 +548,10 @@ class ProcessingNode:
                                 f"chunks, none for {self.input_timeout_s:.0f} s") from None
                 if items:
                     opening.append(asyncio.create_task(self._open(checked, items, opened)))
-            return OpenedColumns.concat(await asyncio.gather(*opening), fields)
+            parts = await asyncio.gather(*opening)
+            reporter.cancel()
+            await self._status(job, "opening", progress=1.0)
+            return OpenedColumns.concat(parts, fields)
         finally:
             reporter.cancel()
             for task in opening:
