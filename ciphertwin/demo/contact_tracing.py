@@ -152,6 +152,8 @@ class Phone:
     """which node keys this owner gave which share (never a second index to one node)"""
     mode: ShareMode | None = None
     """the phone's share mode (declared encodings, geo frame), set by :func:`prepare`"""
+    seq: int = 0
+    """the last sequence number used (a phone may upload again later)"""
 
 
 @dataclass
@@ -268,6 +270,18 @@ async def _add_owner(world: World, user: str, policy: KeyEpochPolicy, bus: BusCl
                                DataKeyManager(pre.public, policy, max_open_epochs=256))
 
 
+ANNOUNCE_BEFORE_S = 60
+"""A user without readings still has a twin: the cloud learns which owner a twin belongs to
+from its first stored item, and refuses a job naming a twin it has never seen. So the phone of
+a user without readings uploads one reading this long *before* the job window — it is not
+part of the job (nor of the plaintext reference); the user's count stays 0."""
+
+
+def _announcement(paths: Paths, t: float) -> dict[str, Any]:
+    origin = (paths.geo.lat0, paths.geo.lon0) if paths.geo is not None else (0.0, 0.0)
+    return location_readings(paths, [(t, *origin)])[0]
+
+
 def location_readings(paths: Paths, path: Sequence[Reading]) -> list[dict[str, Any]]:
     """A path as the readings a phone's sensor gives: lat/lon (projected by the phone's share
     mode) or x/y metres, at their own times, in the order given."""
@@ -283,13 +297,13 @@ def phone_items(phone: Phone, readings: Sequence[Mapping[str, Any]], mode: Share
 
     ``record`` (tests) receives every share reading, to prove none reaches the cloud.
     """
-    out, seq = [], 0
-    for reading in readings:
-        for share_reading, attrs in mode(reading, (f"twin:{phone.user}",)):
-            seq += 1
-            if record is not None:
-                record.append(share_reading)
-            out.append(build_item(phone.creds, phone.keys, seq, share_reading, attrs))
+    shares = [s for reading in readings for s in mode(reading, (f"twin:{phone.user}",))]
+    out = []
+    for share_reading, attrs in shares:  # nothing is sealed unless every reading encoded
+        phone.seq += 1
+        if record is not None:
+            record.append(share_reading)
+        out.append(build_item(phone.creds, phone.keys, phone.seq, share_reading, attrs))
     return out
 
 
@@ -311,7 +325,7 @@ async def sync_phones(world: World, readings: Mapping[str, Sequence[Mapping[str,
     silence, and a refusal by the cloud is an error (the demo's inputs would be incomplete).
     """
     acked: dict[str, set[int]] = {u: set() for u in readings}
-    unacked: dict[str, list[bytes]] = {}  # phones with items in flight -> all their items
+    unacked: dict[str, dict[int, bytes]] = {}  # phones with items in flight -> {seq: item}
     refused: list[str] = []
     progress = asyncio.Event()
 
@@ -328,9 +342,9 @@ async def sync_phones(world: World, readings: Mapping[str, Sequence[Mapping[str,
         progress.set()
 
     def in_flight() -> int:
-        for user in [u for u, items in unacked.items() if len(acked[u]) >= len(items)]:
+        for user in [u for u, items in unacked.items() if items.keys() <= acked[u]]:
             del unacked[user]
-        return sum(len(items) - len(acked[u]) for u, items in unacked.items())
+        return sum(len(items.keys() - acked[u]) for u, items in unacked.items())
 
     async def publish(user: str, items: Sequence[bytes]) -> None:
         topic = bus.topics.twin_data(user)
@@ -350,7 +364,7 @@ async def sync_phones(world: World, readings: Mapping[str, Sequence[Mapping[str,
                                        f"{stalls * RESEND_AFTER_S:.0f} s") from None
                 log.warning("demo.sync_resend", phones=len(unacked), items=in_flight())
                 for user, items in list(unacked.items()):
-                    await publish(user, [it for seq, it in enumerate(items, 1)
+                    await publish(user, [it for seq, it in items.items()
                                          if seq not in acked[user]])
 
     await bus.subscribe(bus.topics.filter("ack"), on_ack)
@@ -363,10 +377,11 @@ async def sync_phones(world: World, readings: Mapping[str, Sequence[Mapping[str,
         if phone.mode is None:
             raise ValidationError(f"phone {user} has no share mode")
         b0 = time.perf_counter()
+        first = phone.seq + 1
         items = phone_items(phone, its, phone.mode, record)
         build_s += time.perf_counter() - b0
         await wait_for_room(max(0, SYNC_WINDOW - len(items)))
-        unacked[user] = items
+        unacked[user] = dict(enumerate(items, first))
         await publish(user, items)
     await wait_for_room(0)
     wall = time.perf_counter() - t_start
@@ -480,11 +495,14 @@ async def prepare(w: World, paths: Paths, key_epochs: int, owners_bus: BusClient
     """
     since, until = job_window(paths)
     policy = epoch_policy(math.ceil((until - since) / POINT_INTERVAL_S), key_epochs)
-    w.twins = twin_ids(list(paths.users))
+    w.twins.update(twin_ids(list(paths.users)))
     mode = ShareMode({"x": coordinate_encoding(paths.unit), "y": coordinate_encoding(paths.unit)},
                      paths.geo)
     readings = {w.twins[u]: location_readings(paths, p) for u, p in paths.users.items()}
     readings[REF_TWIN] = location_readings(paths, paths.reference)
+    for twin, its in readings.items():
+        if not its:  # the cloud knows a twin from its first upload (see ANNOUNCE_BEFORE_S)
+            its.append(_announcement(paths, since - ANNOUNCE_BEFORE_S))
     # one standing subscription for every owner's control replies (no per-request subscribe)
     await owners_bus.subscribe(owners_bus.topics.filter("replies"), None)
     await add_owners(w, list(readings), policy, owners_bus, since)
