@@ -530,20 +530,35 @@ async def process(w: World, paths: Paths, radius: float, t0: float, bus: BusClie
     """6+: submit over the window [t0, end of the last reading's epoch), follow the status;
     returns (final status, result keyed by the users' own ids, or None)."""
     enc = coordinate_encoding(paths.unit)
-    params = _params(radius, enc)
-    job = job or new_job_id("ct")
-    until = job_window(paths, epoch_s)[1]
+    status, result = await run_job(
+        w, bus, "contact_tracing", _params(radius, enc), job_inputs(w, paths), paths.points,
+        t0, job_window(paths, epoch_s)[1], epoch_s=epoch_s, fields=_fields(enc),
+        job=job or new_job_id("ct"), receiver=receiver, receiver_key=receiver_key,
+        timeout=timeout)
+    if result is None:
+        return status, None
+    user_of = {twin: user for user, twin in w.twins.items()}
+    return status, dataclasses.replace(result, labels=[user_of.get(t, t) for t in result.labels])
+
+
+async def run_job(w: World, bus: BusClient, function: str, params: Mapping[str, Any],
+                  inputs: Sequence[tuple[str, str, str]], points: int, since: float,
+                  until: float, *, fields: Mapping[str, Mapping[str, Any]],
+                  epoch_s: int = DEFAULT_EPOCH_S, job: str | None = None,
+                  receiver: str = "health", receiver_key: bytes | None = None,
+                  timeout: float = 3600) -> tuple[Any, JobResult | None]:
+    """Any registered function (6+): submit, follow the status, collect the receiver's
+    result; returns (final status, result keyed by twin id, or None if the job failed)."""
+    job = job or new_job_id(function.replace("_", "-")[:8])
     waiter = asyncio.create_task(w.receiver.result(job, params, timeout=timeout))
-    await submit_job(bus, job, "contact_tracing", params, job_inputs(w, paths), receiver,
-                     receiver_key or w.receiver_key.public_bytes, paths.points, t0, until,
-                     epoch_s=epoch_s, fields=_fields(enc))
+    await submit_job(bus, job, function, params, inputs, receiver,
+                     receiver_key or w.receiver_key.public_bytes, points, since, until,
+                     epoch_s=epoch_s, fields=fields)
     status = await follow_status(bus, job, timeout=timeout)
     if status["state"] != "done":
         waiter.cancel()
         return status, None
-    result = await waiter
-    user_of = {twin: user for user, twin in w.twins.items()}
-    return status, dataclasses.replace(result, labels=[user_of.get(t, t) for t in result.labels])
+    return status, await waiter
 
 
 async def run_demo(*, users: int = 10, points: int = 50, key_epochs: int = 50,
