@@ -96,8 +96,8 @@ async def fetch_roster(bus: BusClient, rosters: RosterHistory,
     try:
         return await asyncio.wait_for(got, timeout)
     except TimeoutError:
-        raise ProcessingTimeout(f"no valid node roster on config/nodes within {timeout:.0f} s"
-                                ) from None
+        raise ValidationError(f"no valid node roster on config/nodes within {timeout:.0f} s"
+                              ) from None
     finally:
         await bus.unsubscribe(topic)
 

@@ -603,7 +603,7 @@ class ProcessingNode:
             watcher = spawn(f"node:{job}:progress",
                             functools.partial(self._watch_rounds, job, party, rounds))
             try:
-                shared = await load_inputs(party, env["function"], params, inputs)
+                shared = await load_inputs(party, env["function"], params, inputs, layout)
                 share = await run_function(party, env["function"], params, shared, layout)
             finally:
                 watcher.cancel()
