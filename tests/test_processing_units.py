@@ -166,10 +166,14 @@ def test_results_and_status_must_be_signed_by_the_roster_node() -> None:
     op = SigningKey.generate()
     ids, payload = _roster(op)
     roster = parse_roster(payload, op.verify_key)
-    good = decode(build_result("j1", "sum", 1, "n1", ["t1"], b"x" * 40, ids[1].signing), "job_result")
+    r = {"roster": roster.digest}
+    good = decode(build_result("j1", "sum", 1, "n1", ["t1"], b"x" * 40, ids[1].signing, **r),
+                  "job_result")
     verify_result(good, roster)
-    for forged in (build_result("j1", "sum", 1, "n1", ["t1"], b"x" * 40, ids[0].signing),
-                   build_result("j1", "sum", 0, "n1", ["t1"], b"x" * 40, ids[1].signing)):
+    for forged in (build_result("j1", "sum", 1, "n1", ["t1"], b"x" * 40, ids[0].signing, **r),
+                   build_result("j1", "sum", 0, "n1", ["t1"], b"x" * 40, ids[1].signing, **r),
+                   build_result("j1", "sum", 1, "n1", ["t1"], b"x" * 40, ids[1].signing,
+                                roster=bytes(32))):  # another roster than the one checked
         with pytest.raises(ValidationError):
             verify_result(decode(forged, "job_result"), roster)
     tampered = dict(good.body, blob=b"y" * 40)
