@@ -3,10 +3,14 @@
 One process hosts everything as asyncio tasks — broker (embedded, unless an external one is
 given), cloud (:class:`CloudTwin`, re-encrypting on its process pool), three processing nodes
 (opening inputs on a shared process pool), a receiver, and N simulated phones, each with its
-owner: the owner grants processing (2+), the phone splits every location point into three
-shares and uploads them sealed under its key epochs (3+), the receiver submits a job and
-opens the result (6+). Every message crosses the broker; nodes talk only over encrypted MQTT
-frames. Network delay: ``rtt_ms`` makes the MPC transport hold every node-to-node frame for
+owner: the owner grants processing (2+), the phone encodes every reading as declared
+(x, y: 1/16 m within ±50 km, in plain metres or projected from lat/lon around an origin),
+splits it into three shares and uploads them at the reading's own time, sealed under its key
+epochs (3+); the receiver submits a job over a time window and opens the result (6+), which
+is checked against the plaintext reference from the definition (:mod:`demo.plaintext`).
+Readings are placed in clock-aligned epochs by their time, so gaps, duplicates, unsorted
+uploads and users without readings are counted right; user ids come back as given.
+Every message crosses the broker; nodes talk only over encrypted MQTT frames. Network delay: ``rtt_ms`` makes the MPC transport hold every node-to-node frame for
 rtt/2 (the bus-layer delay of ``ciphertwin.mpc_nodes.transport``); no ``tc netem`` is used.
 """
 
@@ -58,7 +62,7 @@ from ciphertwin.protocol import share_open
 from ciphertwin.protocol.control import build_control, control_request_id
 from ciphertwin.protocol.items import DeviceCredentials, build_item
 from ciphertwin.protocol.job_epochs import DEFAULT_EPOCH_S, FieldEncoding
-from ciphertwin.protocol.jobs import build_roster
+from ciphertwin.protocol.jobs import DEFAULT_FIELDS, build_roster
 from ciphertwin.protocol.roster_trust import ShareIndexBook
 from ciphertwin.workers import worker_pool
 
@@ -68,7 +72,6 @@ __all__ = ["Paths", "random_paths", "load_paths", "plaintext_reference", "prepar
 
 log = structlog.get_logger(__name__)
 
-COORD_FRAC, COORD_RANGE_M = 4, 50_000.0  # 1/16 m over ±50 km: the CLI default of x, y
 PAPER = {"sync_ms_per_user": 7672.0, "processing_ms_per_user": 7564.0,
          "processing_constant_ms": 12400.0, "mpc_ms_per_user": 6530.0}
 WRITE_ATTRS = ["share:*", "type:*", "twin:*", "year:*", "month:*", "day:*", "hour:*"]
@@ -79,8 +82,9 @@ MAX_ROWS_SHOWN = 20
 
 
 def coordinate_encoding(unit: str = "m") -> FieldEncoding:
-    """The declared encoding of x and y: 1/16 m over ±50 km in the paths' frame (``unit``)."""
-    return FieldEncoding(unit, COORD_FRAC, -COORD_RANGE_M, COORD_RANGE_M)
+    """The declared encoding of x and y: the CLI default (1/16 m within ±50 km,
+    ``DEFAULT_FIELDS``) in the paths' frame (``unit``)."""
+    return dataclasses.replace(DEFAULT_FIELDS["contact_tracing"]["x"], unit=unit)
 
 
 def _params(radius: float, encoding: FieldEncoding | None = None) -> dict[str, int]:
