@@ -23,7 +23,7 @@ from ciphertwin.agents.processing import (
     ResultReceiver, follow_status, grant_processing, new_job_id, submit_job,
 )
 from ciphertwin.bus.client import BusClient
-from ciphertwin.bus.envelope import decode
+from ciphertwin.bus.envelope import decode, encode
 from ciphertwin.crypto.epochs import KeyEpochPolicy
 from ciphertwin.crypto.kpcpre import PreKeyPair
 from ciphertwin.crypto.shares import split_additive
@@ -34,7 +34,7 @@ from ciphertwin.mpc_nodes.roster import NodeIdentity
 from ciphertwin.mpc_nodes.service import ProcessingNode
 from ciphertwin.protocol.items import build_item
 from ciphertwin.protocol.job_epochs import FieldEncoding
-from ciphertwin.protocol.jobs import NodeRoster, build_roster
+from ciphertwin.protocol.jobs import NodeRoster, build_roster, default_bindings, pack_params
 
 METRES = FieldEncoding("m", 4, -50_000.0, 50_000.0)
 CT_FIELDS = {"x": METRES, "y": METRES}
@@ -206,3 +206,24 @@ def walk(t0: float, n: int, x: float, y: float, dx: float = 0.0, step_s: float =
 
 def unique(prefix: str) -> str:
     return f"{prefix}{os.urandom(2).hex()}"
+
+
+def job_spec(job: str, receiver: str, receiver_key: bytes, roster: bytes,
+             twins: Sequence[Mapping[str, Any]], tokens: Sequence[bytes], *,
+             function: str = "contact_tracing", params: Mapping[str, Any] | None = None,
+             points: int = 4, fields: Mapping[str, FieldEncoding] = CT_FIELDS,
+             since: float = 0.0, until: float = 86400.0, epoch_s: int = 60) -> bytes:
+    """A ``job_spec`` as a (malicious) cloud could send it: well-formed, any content."""
+    declared = {f: e.as_dict() for f, e in fields.items()}
+    return encode("job_spec", {
+        "job": job, "function": function, "params": pack_params(params or {"radius": 80}),
+        "receiver": receiver, "receiver_key": receiver_key, "roster": roster, "points": points,
+        "bindings": default_bindings(function, declared), "since": since, "until": until,
+        "epoch_s": epoch_s, "fields": declared, "twins": list(twins), "tokens": list(tokens)})
+
+
+async def send_spec(bus: BusClient, node_ids: Sequence[str], job: str, spec: bytes) -> None:
+    """Chunk 0 (the spec, no items) of a one-chunk job to every node."""
+    for node in node_ids:
+        await bus.publish(bus.topics.node_inputs(node, job), encode(
+            "node_inputs", {"job": job, "chunk": 0, "chunks": 1, "spec": spec, "items": []}))
