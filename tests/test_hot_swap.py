@@ -81,6 +81,17 @@ async def test_swap_between_jobs_old_tokens_say_so_old_results_verify_regrant_wo
         # receiver accepted before (kept by digest)
         again = await w.receiver.result(first, {"radius": 80}, timeout=10)
         assert again.as_dict() == EXPECTED
+        # a cloud skipping its check: the v2 nodes refuse the old tokens with the same reason
+        twins = [{"twin": t, "owner_key": w.phones[t].owner_sig.verify_key.raw, "count": 0,
+                  "role": "reference" if t == "ref" else "user"} for t in (*EXPECTED, "ref")]
+        spec = pw.job_spec("old-tokens", "health", w.receiver_key.public_bytes,
+                           w.receiver.roster.digest, twins,
+                           [env.tokens[t["twin"]].to_bytes() for t in twins])
+        await pw.send_spec(env.bus, w.receiver.roster.node_ids, "old-tokens", spec)
+        live = [w.nodes[0], spare.node, w.nodes[2]]
+        await pw.until(lambda: all("old-tokens" in n.refused for n in live), what="refusals")
+        assert all("token was issued for another node roster" in n.refused["old-tokens"]
+                   for n in live), [n.refused["old-tokens"] for n in live]
         await _rerun_after_regrant(env, inputs)
         assert all(n.refused == {} or first not in n.refused for n in w.nodes)
 
