@@ -308,7 +308,8 @@ class ResultReceiver:
         except CipherTwinError:
             return
         job = env["job"]
-        if env["by"] == "cloud":
+        final = self._statuses.get(job)
+        if env["by"] == "cloud" and (final is None or final["state"] not in ("done", "failed")):
             self._statuses[job] = env
             self._statuses.move_to_end(job)
             if len(self._statuses) > 10_000:

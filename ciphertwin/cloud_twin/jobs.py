@@ -94,6 +94,8 @@ class _Tracking:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """set with ``failure``: wakes the stream out of a long re-encryption at once"""
+    closed: bool = False
+    """the final status is being published: a late node report must not overwrite it"""
 
     def fail(self, reason: str) -> None:
         if self.failure is None:
@@ -263,7 +265,7 @@ class JobManager:
         except CipherTwinError:
             return
         track = self._tracking.get(env["job"])
-        if track is None or env["by"] == "cloud":
+        if track is None or track.closed or env["by"] == "cloud":
             return
         index = track.roster.index_of(env["by"])
         if index is None:
@@ -277,7 +279,7 @@ class JobManager:
         track.last_report = time.monotonic()
         if env["state"] == "failed":
             track.fail(env["reason"] or f"node {env['by']} failed")
-        elif env["state"] == "computing":
+        elif env["state"] == "computing" and not track.closed:
             await self._status(env["job"], "computing", progress=env["progress"],
                                round_=env["round"], rounds=env["rounds"])
         track.changed.set()
@@ -304,10 +306,12 @@ class JobManager:
             except (JobFailed, Rejected, CipherTwinError, ValueError) as exc:
                 reason = str(exc)[:256]
                 log.warning("jobs.failed", job=job, reason=reason)
+                self._close(job)
                 await self.cloud.store.put_kv(JOBS_NS, job, b"failed")
                 await self._status(job, "failed", reason=reason)
             except Exception as exc:
                 log.exception("jobs.crashed", job=job)
+                self._close(job)
                 await self._status(job, "failed", reason=f"internal error: {type(exc).__name__}")
             finally:
                 self._tracking.pop(job, None)
@@ -338,8 +342,15 @@ class JobManager:
         self.timings[job] = {"plan_s": t1 - t0, "reencrypt_s": t1 - t0 + waited,
                              "publish_s": published, "stream_s": t2 - t1,
                              "compute_s": time.perf_counter() - t2}
+        self._close(job)
         await self._status(job, "done", progress=1.0)
         log.info("jobs.done", job=job, **self.timings[job])
+
+    def _close(self, job: str) -> None:
+        """From now on only the final status is published for ``job`` (retained: it stays)."""
+        track = self._tracking.get(job)
+        if track is not None:
+            track.closed = True
 
     def _spec(self, env: Envelope, roster: NodeRoster, shape: JobShape,
               twins: Sequence[tuple[str, str]], counts: dict[str, int],
