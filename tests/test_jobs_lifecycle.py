@@ -140,23 +140,23 @@ async def test_long_opening_is_progress_not_silence(monkeypatch: pytest.MonkeyPa
     node's input timeout from the last chunk that arrived — not from the start."""
     monkeypatch.setattr(cloud_jobs, "CHUNK_ITEMS", 4)  # one twin per batch: 3 batches
     async with AsyncExitStack() as stack:
-        env, inputs = await _setup(stack, node_timeout_s=1.5, mpc_timeout_s=1.5)
+        env, inputs = await _setup(stack, node_timeout_s=3, mpc_timeout_s=3)
         w = env.w
         for n in w.nodes:
-            n.input_timeout_s = 1.5
+            n.input_timeout_s = 3
         real_pool = w.cloud.pool.reencrypt
 
-        async def slow_pool(work):  # 3 batches x 0.8 s of streaming > 1.5 s
-            await asyncio.sleep(0.8)
+        async def slow_pool(work):  # 3 batches x 1.2 s of streaming > 3 s
+            await asyncio.sleep(1.2)
             return await real_pool(work)
 
         w.cloud.pool.reencrypt = slow_pool  # type: ignore[method-assign]
         slow = w.nodes[2]
         real_open, lock = slow._open, asyncio.Lock()
 
-        async def slow_open(*args):  # node 2 opens one chunk at a time, 0.9 s each
-            async with lock:
-                await asyncio.sleep(0.9)
+        async def slow_open(*args):  # node 2 opens one chunk at a time, 2 s each: the
+            async with lock:            # others wait ~3.5 s for it, longer than mpc_timeout_s
+                await asyncio.sleep(2.0)
                 return await real_open(*args)
 
         monkeypatch.setattr(slow, "_open", slow_open)
@@ -173,7 +173,7 @@ async def test_long_opening_is_progress_not_silence(monkeypatch: pytest.MonkeyPa
         status, result = await pw.run(env, inputs, timeout=30)
         assert status["state"] == "done", status["reason"]
         assert result.as_dict() == EXPECTED
-        assert time.monotonic() - t > 3.0  # longer than any timeout: it really was slow
+        assert time.monotonic() - t > 6.0  # twice any timeout: it really was slow
         progress = [p for _, p in seen]
         assert len(progress) >= 3 and progress == sorted(progress) and progress[-1] == 1.0
 
