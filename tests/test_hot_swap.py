@@ -14,6 +14,7 @@ import asyncio
 import time
 from contextlib import AsyncExitStack
 
+import numpy as np
 import pytest
 
 import processing_world as pw
@@ -22,7 +23,8 @@ from ciphertwin.bus.envelope import decode
 from ciphertwin.cloud_twin import jobs as cloud_jobs
 from ciphertwin.crypto.signing import SigningKey
 from ciphertwin.mpc_nodes.roster import NodeIdentity
-from ciphertwin.protocol.jobs import build_roster, build_status
+from ciphertwin.mpc_nodes.output import OutputShare, seal_output
+from ciphertwin.protocol.jobs import build_result, build_roster, build_status
 
 SWAPPED = "node roster changed to version 2 during the job: index 1 node1 -> node1b"
 EXPECTED = {"ua": 5, "ub": 0, "uc": 3}
@@ -165,7 +167,9 @@ async def test_swap_mid_round_ends_the_job_at_once_then_a_regranted_rerun_succee
 
 async def test_forged_roster_and_foreign_statuses_neither_abort_nor_hijack_a_job() -> None:
     """A roster signed by another key, a 'failed' from a node outside the job's roster, a
-    'failed' and a ready report under a roster node's name but another key: all ignored."""
+    'failed', a ready report and a result share under a roster node's name but another key:
+    all ignored (on an open broker; with ACLs a node may not even publish under another
+    node's result topic)."""
     async with AsyncExitStack() as stack:
         env, inputs = await _setup(stack, rtt_ms=200)
         w = env.w
@@ -190,6 +194,13 @@ async def test_forged_roster_and_foreign_statuses_neither_abort_nor_hijack_a_job
                                                       signer=key))
             await env.bus.publish(t, build_status(job, "computing", "node1", round_=0,
                                                   nonce=bytes(32), signer=evil.signing))
+            # and a share of its own for the receiver, under its name and under node1's
+            blob = seal_output(OutputShare(job, "contact_tracing", 1, np.zeros(3, np.uint64)),
+                               w.receiver_key.public_bytes)
+            for name in ("node1b", "node1"):
+                await env.bus.publish(env.bus.topics.results("health", job, name), build_result(
+                    job, "contact_tracing", 1, name, list(EXPECTED), blob, evil.signing,
+                    roster=w.receiver.roster.digest), retain=True)
 
         watcher = await stack.enter_async_context(w.client("watcher"))
         await watcher.subscribe(watcher.topics.filter("job_status"), attack)
@@ -199,3 +210,4 @@ async def test_forged_roster_and_foreign_statuses_neither_abort_nor_hijack_a_job
         assert result.as_dict() == EXPECTED
         assert w.cloud.jobs.roster.version == 1 and all(n.roster.version == 1 for n in w.nodes)
         assert w.receiver.roster.version == 1
+        assert w.receiver.rejected >= 1  # (node1's own retained share replaced the other one)

@@ -136,8 +136,9 @@ async def test_cloud_refuses_bad_jobs_with_the_reason(fields, since_until, param
 
 async def test_long_opening_is_progress_not_silence(monkeypatch: pytest.MonkeyPatch) -> None:
     """Opening and streaming that take several times every timeout still finish: nodes report
-    opening progress, the cloud's and the peers' silence counts from the last report, and a
-    node's input timeout from the last chunk that arrived — not from the start."""
+    opening progress, the cloud's, the peers', the submitter's and the receiver's silence
+    counts from the last report, and a node's input timeout from the last chunk that arrived
+    — not from the start."""
     monkeypatch.setattr(cloud_jobs, "CHUNK_ITEMS", 4)  # one twin per batch: 3 batches
     async with AsyncExitStack() as stack:
         env, inputs = await _setup(stack, node_timeout_s=3, mpc_timeout_s=3)
@@ -170,7 +171,10 @@ async def test_long_opening_is_progress_not_silence(monkeypatch: pytest.MonkeyPa
         spy = await stack.enter_async_context(w.client("spy"))
         await spy.subscribe(spy.topics.filter("job_status"), note)
         t = time.monotonic()
-        status, result = await pw.run(env, inputs, timeout=30)
+        job = await pw.submit(env, inputs)
+        # the submitter and the receiver wait by progress too: 3 s of silence at most
+        status, result = await asyncio.gather(
+            follow_status(env.bus, job, timeout=3), w.receiver.result(job, {"radius": 80}, timeout=3))
         assert status["state"] == "done", status["reason"]
         assert result.as_dict() == EXPECTED
         assert time.monotonic() - t > 6.0  # twice any timeout: it really was slow
