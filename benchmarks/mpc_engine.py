@@ -1,9 +1,12 @@
-"""Benchmark of the MPC engine on the contact-tracing kernel (issue 4).
+"""Benchmark of the MPC engine on the contact-tracing kernel (issues 4 and 10).
 
-N point pairs: users × P points against a P-point reference path; per pair the secure squared
-distance (with the same-epoch check folded in) and the comparison with r², then per-user
-counts. Timed: the nodes' whole job — additive→replicated input conversion, every round, the
-re-randomised output shares — with all three parties on this machine.
+N reading pairs: users × P readings (one per epoch) against a reference path with one reading
+per epoch, window 0, so every user reading meets exactly one reference reading: per pair the
+secure squared distance and the comparison with r² (ℓ from the 20-bit coordinates alone),
+then per-user counts of epochs. ``--duplicates F`` gives a fraction F of the user epochs a
+second reading (→ the extra small comparison runs), ``--window W`` pairs ±W epochs.
+Timed: the nodes' whole job — additive→replicated input conversion, the public pair plan,
+every round, the re-randomised output shares — with all three parties on this machine.
 
     python benchmarks/mpc_engine.py --points 500000 --transport memory --json
     python benchmarks/mpc_engine.py --points 500000 --transport mqtt --broker mqtt://127.0.0.1:1883
@@ -34,20 +37,25 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ciphertwin.log import configure_logging  # noqa: E402
 from ciphertwin.mpc_nodes.engine import expected_rounds, load_inputs, run_function  # noqa: E402
 from ciphertwin.mpc_nodes.functions import get_function  # noqa: E402
+from ciphertwin.mpc_nodes.functions.contact_tracing import pair_plan  # noqa: E402
+from ciphertwin.mpc_nodes.layout import Layout  # noqa: E402
 from ciphertwin.mpc_nodes.local_cluster import memory_parties, run_parties  # noqa: E402
 from ciphertwin.mpc_nodes.party import Party  # noqa: E402
 from ciphertwin.mpc_nodes.prf import new_run_nonce, run_digest  # noqa: E402
 from ciphertwin.mpc_nodes.shares import split_additive  # noqa: E402
 
 FUNCTION = "contact_tracing"
-TARGETS = {"memory": (3.0, 1.5), "mqtt": (8.0, 2.5)}  # must, aim (seconds, N = 500,000)
+CPP_SECONDS = {500_000: 0.34, 5_000_000: 3.2}  # the issue's C++ replicated-ring engine, same kernel
+AIM_SECONDS = {500_000: 0.3, 5_000_000: 3.0}
 REFERENCE = (
-    "reference: strongest C++ replicated-ring engine ≈ 1 s for this workload over TCP; "
+    "reference: C++ replicated-ring engine (ℓ = 45, batches of 50,000 pairs, TLS) 0.34 s for "
+    "500,000 pairs and 3.2 s for 5,000,000 on this machine; aim ≤ 0.3 s and ≤ 3 s. "
     "ArmoredTwins (SCALE-MAMBA) ≈ 6.53 s MPC per user at 50 points"
 )
 
 
-def make_workload(points: int, per_user: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def make_workload(points: int, per_user: int, duplicates: float, window: int
+                  ) -> tuple[dict[str, np.ndarray], Layout, dict[str, Any]]:
     """Synthetic positions (metres, 20-bit coordinates) clustered so that some pairs are close."""
     users = max(1, points // per_user)
 
@@ -57,40 +65,51 @@ def make_workload(points: int, per_user: int) -> tuple[dict[str, np.ndarray], di
 
     ref_x, ref_y = uniform((per_user,), 500_000), uniform((per_user,), 500_000)
     epochs = np.arange(per_user, dtype=np.int64)
+    user_epoch = np.tile(epochs, users)
+    user_row = np.repeat(np.arange(users, dtype=np.int64), per_user)
+    extra = int(duplicates * users * per_user)
+    if extra:  # a second reading in some (user, epoch): readings stay ordered by (row, epoch)
+        raw = np.frombuffer(os.urandom(8 * extra), np.uint64) % np.uint64(users * per_user)
+        pick = np.sort(raw).astype(np.int64)
+        user_epoch = np.insert(user_epoch, pick, user_epoch[pick])
+        user_row = np.insert(user_row, pick, user_row[pick])
+    n = len(user_epoch)
     plain = {
-        "user_epoch": np.tile(epochs, (users, 1)),
-        "user_x": ref_x + uniform((users, per_user), 300),
-        "user_y": ref_y + uniform((users, per_user), 300),
-        "ref_epoch": epochs,
+        "user_x": ref_x[user_epoch] + uniform((n,), 300),
+        "user_y": ref_y[user_epoch] + uniform((n,), 300),
         "ref_x": ref_x,
         "ref_y": ref_y,
     }
-    plain["user_epoch"][:, ::7] += 1  # some epochs do not line up
-    return plain, {"radius": 200, "coord_bits": 20, "epoch_bits": 12}
+    layout = Layout.build(per_user, user=(users, user_row, user_epoch),
+                          reference=(1, np.zeros(per_user, np.int64), epochs))
+    return plain, layout, {"radius": 200, "coord_bits": 20, "window": window}
 
 
-async def _node_job(party: Party, params: dict[str, Any], additive: dict[str, np.ndarray]) -> Any:
-    inputs = await load_inputs(party, FUNCTION, params, additive)
-    return await run_function(party, FUNCTION, params, inputs)
+async def _node_job(party: Party, params: dict[str, Any], additive: dict[str, np.ndarray],
+                    layout: Layout) -> Any:
+    inputs = await load_inputs(party, FUNCTION, params, additive, layout)
+    return await run_function(party, FUNCTION, params, inputs, layout)
 
 
-async def run_memory(shares: list[dict[str, np.ndarray]], params: dict[str, Any], rtt_ms: float) -> dict[str, Any]:
-    parties = memory_parties("bench", latency_s=rtt_ms / 2000.0)
-
+async def run_memory(shares: list[dict[str, np.ndarray]], params: dict[str, Any], layout: Layout,
+                     rtt_ms: float, repeat: int) -> dict[str, Any]:
     async def prog(p: Party, additive: dict[str, np.ndarray]) -> Any:
-        return await _node_job(p, params, additive)
+        return await _node_job(p, params, additive, layout)
 
-    t0 = time.perf_counter()
-    outs = await run_parties(parties, prog, shares)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "outputs": [o.values for o in outs],
+    times = []
+    for k in range(repeat):
+        parties = memory_parties(f"bench-{k}", latency_s=rtt_ms / 2000.0)
+        t0 = time.perf_counter()
+        outs = await run_parties(parties, prog, shares)
+        times.append(time.perf_counter() - t0)
+    return {"times": times, "outputs": [o.values for o in outs],
             "rounds": parties[0].round,
             "bytes_per_party": [p.transport.stats.bytes_sent for p in parties],
             "wire_bytes_per_party": [p.transport.stats.wire_bytes_sent for p in parties]}
 
 
-def _party_process(index: int, host: str, port: int, job: str, run: bytes, ident_blobs: Any,
-                   params: Any,
+def _party_process(index: int, host: str, port: int, jobs: Any, ident_blobs: Any,
+                   params: Any, layout: Any,
                    additive: Any, rtt_ms: float, qos: int, start_at: Any, result_q: Any) -> None:
     """One node in its own process (as in a deployment): connect, wait for the start, run."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -106,15 +125,17 @@ def _party_process(index: int, host: str, port: int, job: str, run: bytes, ident
     roster = Roster([RosterEntry.from_bytes(e) for e in entries])
 
     async def main() -> None:
-        async with mqtt_party(job, identity, roster, run=run, host=host, port=port,
-                              latency_s=rtt_ms / 2000.0, timeout_s=60.0, qos=qos) as party:
-            start_at.wait()  # all three subscribed
-            t0 = time.perf_counter()
-            out = await _node_job(party, params, additive)
-            seconds = time.perf_counter() - t0
-            st = party.transport.stats
-            result_q.put((index, seconds, party.round, st.bytes_sent, st.wire_bytes_sent, out.values))
-            await asyncio.sleep(0.5)  # let the peers' last frames drain before disconnecting
+        for k, (job, run) in enumerate(jobs):  # later jobs show a long-running node, warm
+            async with mqtt_party(job, identity, roster, run=run, host=host, port=port,
+                                  latency_s=rtt_ms / 2000.0, timeout_s=60.0, qos=qos) as party:
+                start_at.wait()  # all three subscribed
+                t0 = time.perf_counter()
+                out = await _node_job(party, params, additive, layout)
+                seconds = time.perf_counter() - t0
+                st = party.transport.stats
+                result_q.put((k, index, seconds, party.round, st.bytes_sent, st.wire_bytes_sent,
+                              out.values))
+                await asyncio.sleep(0.5)  # let the peers' last frames drain before disconnecting
 
     asyncio.run(main())
 
@@ -133,8 +154,8 @@ def _broker_process(port: int, ready: Any, stop: Any) -> None:
     asyncio.run(main())
 
 
-def run_mqtt(shares: list[dict[str, np.ndarray]], params: dict[str, Any], broker: str | None,
-             rtt_ms: float, qos: int) -> dict[str, Any]:
+def run_mqtt(shares: list[dict[str, np.ndarray]], params: dict[str, Any], layout: Layout,
+             broker: str | None, rtt_ms: float, qos: int, repeat: int) -> dict[str, Any]:
     from cryptography.hazmat.primitives import serialization
 
     from ciphertwin.broker.embedded import free_port
@@ -159,17 +180,18 @@ def run_mqtt(shares: list[dict[str, np.ndarray]], params: dict[str, Any], broker
     entries = [i.entry().to_bytes() for i in idents]
     raw = (serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     blobs = [(i.signing.to_bytes(), i.kx.private_bytes(*raw), node_ids, entries) for i in idents]
-    job = f"bench-{os.urandom(4).hex()}"
-    run = run_digest([new_run_nonce() for _ in range(3)])  # the nodes' nonces, drawn here
+    tag = os.urandom(4).hex()
+    # the nodes' nonces, drawn here
+    jobs = [(f"bench-{tag}-{k}", run_digest([new_run_nonce() for _ in range(3)])) for k in range(repeat)]
     start_at = ctx.Barrier(3)
     result_q = ctx.Queue()
-    procs = [ctx.Process(target=_party_process, args=(i, host, port, job, run, blobs, params, shares[i],
+    procs = [ctx.Process(target=_party_process, args=(i, host, port, jobs, blobs, params, layout, shares[i],
                                                       rtt_ms, qos, start_at, result_q))
              for i in range(3)]
     try:
         for p in procs:
             p.start()
-        results = sorted(result_q.get(timeout=300) for _ in range(3))
+        results = sorted(result_q.get(timeout=300) for _ in range(3 * repeat))
         for p in procs:
             p.join(30)
     finally:
@@ -181,9 +203,11 @@ def run_mqtt(shares: list[dict[str, np.ndarray]], params: dict[str, Any], broker
             broker_proc.join(10)
             if broker_proc.is_alive():
                 broker_proc.terminate()
-    return {"seconds": max(r[1] for r in results), "outputs": [r[5] for r in results],
-            "rounds": results[0][2], "bytes_per_party": [r[3] for r in results],
-            "wire_bytes_per_party": [r[4] for r in results], "broker": broker_label}
+    last = [r for r in results if r[0] == repeat - 1]
+    return {"times": [max(r[2] for r in results if r[0] == k) for k in range(repeat)],
+            "outputs": [r[6] for r in last], "rounds": last[0][3],
+            "bytes_per_party": [r[4] for r in last], "wire_bytes_per_party": [r[5] for r in last],
+            "broker": broker_label}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,39 +218,53 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker", default=None, help="mqtt://host:port (default: start embedded amqtt)")
     ap.add_argument("--rtt-ms", type=float, default=0.0, help="imposed round-trip time; each message waits rtt/2")
     ap.add_argument("--qos", type=int, choices=(0, 1), default=0, help="MQTT QoS of round frames")
+    ap.add_argument("--duplicates", type=float, default=0.0,
+                    help="fraction of user epochs with a second reading (default 0)")
+    ap.add_argument("--window", type=int, default=0, help="±epochs a reading pairs with (default 0)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="jobs in a row in the same node processes; the first is a fresh process, "
+                         "the best later one a warm, long-running node (default 1)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     configure_logging(level="WARNING")
-    if args.points < 1 or args.per_user < 1 or args.rtt_ms < 0:
-        ap.error("--points and --per-user must be positive, --rtt-ms non-negative")
+    if (args.points < 1 or args.per_user < 1 or args.rtt_ms < 0 or not 0 <= args.duplicates <= 1
+            or args.repeat < 1):
+        ap.error("--points, --per-user and --repeat must be positive, --rtt-ms non-negative, "
+                 "--duplicates in [0, 1]")
 
-    plain, params = make_workload(args.points, args.per_user)
+    plain, layout, params = make_workload(args.points, args.per_user, args.duplicates, args.window)
     per_node = [dict() for _ in range(3)]  # type: list[dict[str, np.ndarray]]
     for name, values in plain.items():
         for i, s in enumerate(split_additive(values)):
             per_node[i][name] = s
     if args.transport == "memory":
-        res = asyncio.run(run_memory(per_node, params, args.rtt_ms))
+        res = asyncio.run(run_memory(per_node, params, layout, args.rtt_ms, args.repeat))
     else:
-        res = run_mqtt(per_node, params, args.broker, args.rtt_ms, args.qos)
+        res = run_mqtt(per_node, params, layout, args.broker, args.rtt_ms, args.qos, args.repeat)
+    res["seconds"] = res["times"][0]
+    warm = min(res["times"][1:]) if args.repeat > 1 else None
 
     spec = get_function(FUNCTION)
     parsed = spec.parse(params)
     opened = res["outputs"][0] + res["outputs"][1] + res["outputs"][2]
-    reference = spec.reference(parsed, {k: v.view(np.uint64) for k, v in plain.items()})
+    reference = spec.reference(parsed, {k: v.view(np.uint64) for k, v in plain.items()}, layout)
     if not np.array_equal(opened, reference):
         print("ERROR: MPC output differs from the plaintext reference", file=sys.stderr)
         return 1
-    users = plain["user_x"].shape[0]
-    must, aim = TARGETS[args.transport]
+    users = layout.rows["user"]
+    pairs = pair_plan(parsed.window, layout).pairs
+    cpp, aim = CPP_SECONDS.get(pairs), AIM_SECONDS.get(pairs)
     report = {
-        "function": FUNCTION, "transport": args.transport, "points": users * args.per_user,
-        "users": users, "points_per_user": args.per_user, "bits": parsed.bits,
-        "rtt_ms": args.rtt_ms, "seconds": round(res["seconds"], 4), "rounds": res["rounds"],
-        "expected_rounds": expected_rounds(FUNCTION, params),
+        "function": FUNCTION, "transport": args.transport, "pairs": pairs,
+        "readings": layout.readings("user"), "users": users, "points_per_user": args.per_user,
+        "duplicates": args.duplicates, "window": args.window, "bits": parsed.bits,
+        "rtt_ms": args.rtt_ms, "seconds": round(res["seconds"], 4),
+        "seconds_warm": None if warm is None else round(warm, 4),
+        "times": [round(t, 4) for t in res["times"]], "rounds": res["rounds"],
+        "expected_rounds": expected_rounds(FUNCTION, params, layout),
         "bytes_per_party": res["bytes_per_party"],
         "wire_bytes_per_party": res["wire_bytes_per_party"],
-        "target_seconds_at_500k": {"must": must, "aim": aim, "max_rounds": 14},
+        "cpp_engine_seconds": cpp, "aim_seconds": aim,
         "mpc_seconds_per_user": res["seconds"] / users,
         "paper_mpc_seconds_per_user": 6.53,
         "reference": REFERENCE, "correct": True,
@@ -238,13 +276,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report))
     else:
         mb = ", ".join(f"{b / 1e6:.1f}" for b in res["bytes_per_party"])
-        print(f"contact tracing, {report['points']:,} point pairs ({users:,} users × {args.per_user}), "
-              f"ℓ = {parsed.bits} bits, transport {args.transport}"
+        print(f"contact tracing, {pairs:,} reading pairs ({users:,} users × {args.per_user} epochs"
+              f"{f', {args.duplicates:.0%} duplicated' if args.duplicates else ''}"
+              f"{f', window ±{args.window}' if args.window else ''}), ℓ = {parsed.bits} bits, "
+              f"transport {args.transport}"
               + (f" ({res['broker']})" if "broker" in res else "")
               + (f", rtt {args.rtt_ms} ms" if args.rtt_ms else ""))
-        print(f"  ours   : {res['seconds']:.3f} s, {res['rounds']} rounds, MB sent per party [{mb}]"
+        print(f"  ours   : {res['seconds']:.3f} s (first job of fresh node processes)"
+              + (f", {warm:.3f} s warm (best of {args.repeat - 1} more)" if warm is not None else "")
+              + f", {res['rounds']} rounds, MB sent per party [{mb}]"
               f", {report['mpc_seconds_per_user'] * 1e6:.1f} µs per user")
-        print(f"  target : ≤ {must} s (aim {aim} s) at N = 500,000; ≤ 14 rounds")
+        if cpp is not None:
+            print(f"  C++ replicated-ring engine, same kernel: {cpp} s; aim ≤ {aim} s")
         print(f"  {REFERENCE}")
         print("  output checked against the plaintext reference: OK")
     return 0

@@ -12,7 +12,7 @@ from ciphertwin.mpc_nodes.local_cluster import simulate
 from ciphertwin.mpc_nodes.party import Party
 from ciphertwin.mpc_nodes.protocols import arithmetic as arith
 from ciphertwin.mpc_nodes.protocols import boolean
-from ciphertwin.mpc_nodes.protocols.bitslice import unslice
+from ciphertwin.mpc_nodes.protocols.bitslice import bitslice, unslice
 from ciphertwin.mpc_nodes.ring import to_ring, to_signed
 from ciphertwin.mpc_nodes.shares import (
     ArithShare,
@@ -204,3 +204,45 @@ def test_signed_edge_values_survive_mul_by_minus_one() -> None:
 
     out, _ = simulate(prog, split_replicated(edges))
     assert to_signed(reconstruct(out)).tolist() == [0, 1, -1, -(2**63) + 1, 2**63 - 1, -(2**63)]
+
+
+# -- the in-place / fused paths (issue 10) ----------------------------------------------------
+
+
+@FAST
+@given(st.sampled_from([1, 7, 44, 64]), st.sampled_from([0, 1, 63, 64, 65, 2048 * 64 + 77]))
+def test_bitslice_of_a_sum_keeps_only_the_low_bits(bits: int, n: int) -> None:
+    # sizes cross the transpose's chunk of 2048 blocks; high bits never reach the planes
+    rng = np.random.default_rng(n + bits)  # test data only
+    a = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
+    b = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
+    planes = bitslice(a, bits, plus=b)
+    mask = np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(2**64 - 1)
+    assert np.array_equal(unslice(planes, n), (a + b) & mask)
+    assert np.array_equal(bitslice(a, bits), bitslice(a & mask, bits))
+
+
+def test_ltz_over_many_transpose_chunks() -> None:
+    rng = np.random.default_rng(5)  # test data only
+    values = rng.integers(-(2**19), 2**19, 2048 * 64 * 2 + 3)
+
+    async def prog(party: Party, s: ArithShare) -> object:
+        return await boolean.ltz(party, s, 21)
+
+    out, _ = simulate(prog, split_replicated(to_ring(values)))
+    assert opened_bits(out, len(values)) == (values < 0).astype(int).tolist()
+
+
+def test_fused_input_conversion_leaves_the_callers_arrays_alone() -> None:
+    x, y = to_ring([1, -2, 3]), to_ring(np.arange(10).reshape(2, 5))
+    parts = [dict(zip("xy", p, strict=True)) for p in zip(split_additive(x), split_additive(y), strict=True)]
+    before = [{k: v.copy() for k, v in p.items()} for p in parts]
+
+    async def prog(party: Party, share: dict[str, np.ndarray]) -> dict[str, ArithShare]:
+        return await arith.from_additive_many(party, share, bits=64)
+
+    out, parties = simulate(prog, parts)
+    assert parties[0].round == 1
+    assert np.array_equal(reconstruct([o["x"] for o in out]), x)
+    assert np.array_equal(reconstruct([o["y"] for o in out]), y)
+    assert all(np.array_equal(p[k], b[k]) for p, b in zip(parts, before, strict=True) for k in "xy")

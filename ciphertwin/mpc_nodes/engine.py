@@ -13,6 +13,8 @@ any message is sent, so a bad job fails identically and immediately on all three
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +27,30 @@ from ciphertwin.mpc_nodes.output import OutputShare
 from ciphertwin.mpc_nodes.party import Party
 from ciphertwin.mpc_nodes.protocols.arithmetic import from_additive_many
 from ciphertwin.mpc_nodes.shares import ArithShare
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+KEEP_FREE_BYTES = (1 << 31) - 1  # the largest value mallopt takes (2 GiB)
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Let this process reuse freed memory for the next large array (glibc; once per process).
+
+    Every protocol step makes arrays of tens of MB. glibc serves each from a fresh mmap and
+    unmaps it when freed, so the next one page-faults in newly zeroed pages again — at 5 M
+    pairs that churn was more than half the CPU time. With mmap off and up to 2 GiB of free
+    heap kept, freed arrays are reused: the node's memory stays flat at its largest job
+    instead of sawing up and down, and a warm node runs the kernel in ~½ the CPU time (5 M
+    pairs: 1.8 s instead of 3.8–4.3 s for the three parties; the first job costs the same).
+    A no-op (False) where mallopt is unavailable.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_BYTES))
 
 
 def check_encodings(name: str, params: Mapping[str, Any], encodings: Mapping[str, Any]) -> None:
@@ -45,6 +71,7 @@ async def load_inputs(
     spec = get_function(name)
     parsed = spec.parse(params)
     check_inputs(spec, additive, layout)
+    reuse_freed_memory()
     return await from_additive_many(party, dict(additive), bits=spec.input_bits(parsed))
 
 

@@ -11,7 +11,8 @@ per-reading share vectors plus this layout instead of padded (twins × points) a
   :mod:`ciphertwin.protocol.job_epochs`);
 * ``epochs``        number of epochs in the window.
 
-Readings of a role are ordered by (row, time, seq) at every node, so the k-th share reading
+Readings of a role are ordered by (row, time, device, seq) at every node
+(:func:`ciphertwin.mpc_nodes.arrange.arrange`), so the k-th share reading
 of node 0, 1 and 2 are shares of the same reading. Nothing is padded: missing readings are
 absent, and a function decides from the public layout what they mean (contact tracing: no
 contact in that epoch; sum: nothing added; mean: not counted).
@@ -20,8 +21,9 @@ contact in that epoch; sum: nothing added; mean: not counted).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,7 @@ class Layout:
     row: Mapping[str, np.ndarray]
     epoch: Mapping[str, np.ndarray]
     epochs: int
+    _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for role, n in self.rows.items():
@@ -44,6 +47,13 @@ class Layout:
                 raise MpcValidationError(f"layout of role {role!r}: a row is out of range")
             if len(e) and (int(e.min()) < 0 or int(e.max()) >= self.epochs):
                 raise MpcValidationError(f"layout of role {role!r}: an epoch is out of range")
+
+    def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """A structure derived from this layout, built once (e.g. contact tracing's pair plan,
+        which both ``rounds`` and the protocol need). Layouts are treated as immutable."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def readings(self, role: str) -> int:
         return len(self.row[role])

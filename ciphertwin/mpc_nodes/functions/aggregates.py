@@ -104,7 +104,8 @@ def mean_reference(p: SumParams, inputs: Mapping[str, np.ndarray], layout: Layou
 def mean_decode(p: SumParams, opened: np.ndarray) -> list[float | None]:
     total = decode_fixed(opened[..., 0], p.frac_bits)
     count = to_signed(opened[..., 1])
-    return [float(t / c) if c > 0 else None for t, c in zip(total.tolist(), count.tolist(), strict=True)]
+    return [float(t / c) if c > 0 else None
+            for t, c in zip(total.tolist(), count.tolist(), strict=True)]
 
 
 # -- comparisons ----------------------------------------------------------------------------

@@ -141,12 +141,20 @@ def check_encodings(p: ContactParams, encodings: Mapping[str, Any]) -> None:
 class PairPlan:
     """Which reading meets which, and how pairs group into (user row, user epoch)."""
 
-    user: np.ndarray       # (pairs,) index of the user reading
+    user: np.ndarray | None  # (pairs,) index of the user reading; None: pair k is reading k
     ref: np.ndarray        # (pairs,) index of the reference reading
     group: np.ndarray      # (pairs,) group of the pair, groups ordered by (row, epoch)
     group_row: np.ndarray  # (groups,) the group's user row
     sizes: np.ndarray      # (groups,) pairs per group
     users: int
+
+    @property
+    def pairs(self) -> int:
+        return len(self.ref)
+
+    def at_user(self, x: Any) -> Any:
+        """x (a user vector or share) at each pair's user reading."""
+        return x if self.user is None else x[self.user]
 
     @property
     def groups(self) -> int:
@@ -168,7 +176,12 @@ class PairPlan:
 
 
 def pair_plan(window: int, layout: Layout) -> PairPlan:
-    """All (user reading, reference reading) pairs with |epoch difference| ≤ window."""
+    """All (user reading, reference reading) pairs with |epoch difference| ≤ window (public;
+    built once per layout and window)."""
+    return layout.memo(("contact_tracing/pairs", window), lambda: _build_plan(window, layout))
+
+
+def _build_plan(window: int, layout: Layout) -> PairPlan:
     if layout.rows.get(REFERENCE) != 1:
         raise MpcValidationError(
             f"contact_tracing needs exactly one twin of role {REFERENCE!r}, "
@@ -184,10 +197,15 @@ def pair_plan(window: int, layout: Layout) -> PairPlan:
     if total > MAX_PAIRS:
         raise MpcValidationError(f"contact_tracing: {total} reading pairs exceed {MAX_PAIRS}; "
                                  "use a smaller window or longer epochs")
-    user = np.repeat(np.arange(len(user_epoch), dtype=np.int64), per_reading)
-    first_pair = np.cumsum(per_reading) - per_reading
-    ref = order[np.arange(total, dtype=np.int64) + np.repeat(lo - first_pair, per_reading)]
-    keys, group = group_ids((user_row * layout.epochs + user_epoch)[user])
+    if total == len(user_epoch) and total and int(per_reading.max()) == 1:
+        user = None  # every user reading meets exactly one reference reading: no gather
+        ref = order[lo]
+    else:
+        user = np.repeat(np.arange(len(user_epoch), dtype=np.int64), per_reading)
+        first_pair = np.cumsum(per_reading) - per_reading
+        ref = order[np.arange(total, dtype=np.int64) + np.repeat(lo - first_pair, per_reading)]
+    key = user_row * layout.epochs + user_epoch
+    keys, group = group_ids(key if user is None else key[user])
     sizes = np.bincount(group, minlength=len(keys))
     return PairPlan(user, ref, group, keys // layout.epochs, sizes, layout.rows[USER])
 
@@ -198,8 +216,8 @@ def pair_plan(window: int, layout: Layout) -> PairPlan:
 async def protocol(party: Party, p: ContactParams, inputs: Mapping[str, ArithShare],
                    layout: Layout) -> np.ndarray:
     plan = pair_plan(p.window, layout)
-    dx = inputs["user_x"][plan.user] - inputs["ref_x"][plan.ref]
-    dy = inputs["user_y"][plan.user] - inputs["ref_y"][plan.ref]
+    dx = plan.at_user(inputs["user_x"]) - inputs["ref_x"][plan.ref]
+    dy = plan.at_user(inputs["user_y"]) - inputs["ref_y"][plan.ref]
     dist = await inner(party, [(dx, dx), (dy, dy)], bits=p.bits)
     del dx, dy
     close = await ltz(party, dist.add_public(-p.r2), p.bits)
@@ -207,7 +225,8 @@ async def protocol(party: Party, p: ContactParams, inputs: Mapping[str, ArithSha
     if plan.multi:
         per_group = segment_sums(hits, plan.group, plan.groups)
         several = plan.sizes > 1
-        counts = await reshare(party, mask_additive(party, per_group[several]), bits=plan.count_bits)
+        counts = await reshare(party, mask_additive(party, per_group[several]),
+                               bits=plan.count_bits)
         positive = await ltz(party, -counts, plan.count_bits)
         per_group[several] = await b2a_additive(party, positive)
         per_row = segment_sums(per_group, plan.group_row, plan.users)
@@ -228,8 +247,9 @@ def reference(p: ContactParams, inputs: Mapping[str, np.ndarray], layout: Layout
     plan = pair_plan(p.window, layout)
     ux, uy, rx, ry = (_bounded(inputs[n], p.coord_bits, n)
                       for n in ("user_x", "user_y", "ref_x", "ref_y"))
-    d2 = (ux[plan.user] - rx[plan.ref]) ** 2 + (uy[plan.user] - ry[plan.ref]) ** 2
-    any_close = np.bincount(plan.group, weights=(d2 < p.r2).astype(np.float64), minlength=plan.groups) > 0
+    d2 = (plan.at_user(ux) - rx[plan.ref]) ** 2 + (plan.at_user(uy) - ry[plan.ref]) ** 2
+    close = (d2 < p.r2).astype(np.float64)
+    any_close = np.bincount(plan.group, weights=close, minlength=plan.groups) > 0
     return np.bincount(plan.group_row, weights=any_close, minlength=plan.users).astype(DTYPE)
 
 

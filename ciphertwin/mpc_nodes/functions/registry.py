@@ -88,8 +88,10 @@ def get_function(name: str) -> FunctionSpec:
     return REGISTRY[name]
 
 
-def check_inputs(spec: FunctionSpec, inputs: Mapping[str, Any], layout: Layout | None = None) -> None:
-    """Exactly the declared input names; with a layout, each a 1-D vector over its role's readings."""
+def check_inputs(spec: FunctionSpec, inputs: Mapping[str, Any],
+                 layout: Layout | None = None) -> None:
+    """Exactly the declared input names; with a layout, each a 1-D vector over its role's
+    readings."""
     got, want = set(inputs), set(spec.inputs)
     if got != want:
         raise MpcValidationError(
@@ -109,7 +111,8 @@ def check_inputs(spec: FunctionSpec, inputs: Mapping[str, Any], layout: Layout |
         raise MpcValidationError(f"{spec.name}: the layout has no role {USER!r} (the output rows)")
 
 
-def encodings_for(function: str, names: Iterable[str], encodings: Mapping[str, Any]) -> dict[str, FieldEncoding]:
+def encodings_for(function: str, names: Iterable[str],
+                  encodings: Mapping[str, Any]) -> dict[str, FieldEncoding]:
     """Exactly one :class:`FieldEncoding` per input in ``names`` (dicts are parsed strictly)."""
     want = set(names)
     if not isinstance(encodings, Mapping) or set(encodings) != want:

@@ -23,36 +23,50 @@ def product_terms(x: ArithShare, y: ArithShare) -> np.ndarray:
     """x_i·y_i + x_i·y_{i+1} + x_{i+1}·y_i: this party's part of x·y, not yet masked."""
     if x.party != y.party:
         raise MpcValidationError("cannot multiply shares of different parties")
-    return x.own * (y.own + y.nxt) + x.nxt * y.own
+    out = y.own + y.nxt
+    out *= x.own
+    out += x.nxt * y.own
+    return out
 
 
 def square_terms(x: ArithShare) -> np.ndarray:
     """Party's part of x², one multiplication cheaper than :func:`product_terms`."""
-    return x.own * (x.own + x.nxt + x.nxt)
+    out = x.own + x.nxt
+    out += x.nxt
+    out *= x.own
+    return out
 
 
-def mask_additive(party: Party, z: np.ndarray) -> np.ndarray:
-    """Add a fresh sharing of zero, making a 3-out-of-3 share uniformly random on its own."""
+def mask_additive(party: Party, z: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """Add a fresh sharing of zero, making a 3-out-of-3 share uniformly random on its own.
+
+    ``in_place`` adds into ``z`` (for temporaries: one pass, no new array).
+    """
     z = check_array(np.asarray(z), name="additive share")
-    return z + party.zero_arith(z.size).reshape(z.shape)
+    zero = party.zero_arith(z.size).reshape(z.shape)
+    if in_place:
+        z += zero
+        return z
+    return z + zero
 
 
 async def reshare(party: Party, z: np.ndarray, *, bits: int = 64) -> ArithShare:
     """3-out-of-3 additive share (already masked) → replicated share. One round.
 
     With ``bits`` < 64 only z mod 2^bits travels, and the result is correct modulo 2^bits.
+    ``z`` is consumed: it becomes the ``own`` half (its top bits cleared in place).
     """
     check_bits(bits, low=1)
     received = await party.exchange(z, z.shape, bits=bits)
     assert received is not None
     if bits < 64:
-        z = z & low_mask(bits)
+        z &= low_mask(bits)
     return ArithShare(party.index, z, received)
 
 
 async def mul(party: Party, x: ArithShare, y: ArithShare, *, bits: int = 64) -> ArithShare:
     """Elementwise x·y (numpy broadcasting). One round."""
-    return await reshare(party, mask_additive(party, product_terms(x, y)), bits=bits)
+    return await reshare(party, mask_additive(party, product_terms(x, y), in_place=True), bits=bits)
 
 
 async def inner(
@@ -72,10 +86,13 @@ async def inner(
     for (x, y), w in zip(pairs, ws, strict=True):
         t = square_terms(x) if x is y else product_terms(x, y)
         if w != 1:
-            t = t * to_ring(w, name="weight")
-        acc = t if acc is None else acc + t
+            t *= to_ring(w, name="weight")
+        if acc is None:
+            acc = t
+        else:
+            acc += t
     assert acc is not None
-    return await reshare(party, mask_additive(party, acc), bits=bits)
+    return await reshare(party, mask_additive(party, acc, in_place=True), bits=bits)
 
 
 async def from_additive(party: Party, share: np.ndarray, *, bits: int = 64) -> ArithShare:
@@ -91,13 +108,18 @@ async def from_additive(party: Party, share: np.ndarray, *, bits: int = 64) -> A
 async def from_additive_many(
     party: Party, shares: dict[str, np.ndarray], *, bits: int = 64
 ) -> dict[str, ArithShare]:
-    """Convert several named inputs in one round (one concatenated message)."""
+    """Convert several named inputs in one round (one message), fused: each input is copied
+    once into one preallocated vector, masked there in place, and sent; the results are views."""
     if not shares:
         return {}
     names = sorted(shares)
     arrays = [check_array(to_ring(shares[n], name=n), name=n) for n in names]
-    flat = np.concatenate([a.reshape(-1) for a in arrays])
-    joined = await from_additive(party, flat, bits=bits)
+    flat = np.empty(sum(a.size for a in arrays), dtype=DTYPE)
+    pos = 0
+    for arr in arrays:
+        flat[pos : pos + arr.size] = arr.reshape(-1)
+        pos += arr.size
+    joined = await reshare(party, mask_additive(party, flat, in_place=True), bits=bits)
     out: dict[str, ArithShare] = {}
     pos = 0
     for name, arr in zip(names, arrays, strict=True):
@@ -117,4 +139,4 @@ def to_output(party: Party, x: ArithShare) -> np.ndarray:
     The receiver adds the three parties' words; each single word is uniform, and the triple
     is a fresh sharing independent of everything the nodes exchanged before.
     """
-    return mask_additive(party, np.array(x.own, dtype=DTYPE, copy=True))
+    return mask_additive(party, x.own)

@@ -20,7 +20,7 @@ from ciphertwin.mpc_nodes.errors import MpcValidationError
 from ciphertwin.mpc_nodes.party import Party
 from ciphertwin.mpc_nodes.protocols.arithmetic import product_terms, reshare
 from ciphertwin.mpc_nodes.protocols.bitslice import bitslice, unslice_bit
-from ciphertwin.mpc_nodes.ring import DTYPE, check_bits, low_mask
+from ciphertwin.mpc_nodes.ring import DTYPE, check_bits
 from ciphertwin.mpc_nodes.shares import ArithShare, BoolShare, words_for
 
 
@@ -30,14 +30,30 @@ def ltz_rounds(bits: int) -> int:
     return 2 + (math.ceil(math.log2(bits - 1)) if bits > 2 else 0)
 
 
+def _xor_zero_bool(party: Party, z: np.ndarray) -> np.ndarray:
+    """z ^= this party's part of a fresh XOR sharing of zero — :meth:`Party.zero_bool`'s draw,
+    applied in place (no third array)."""
+    round_, op = party.new_op()
+    z ^= party.rand.prev.words(round_, op, z.size).reshape(z.shape)
+    z ^= party.rand.next.words(round_, op, z.size).reshape(z.shape)
+    return z
+
+
 async def and_planes(
     party: Party, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Replicated AND of bit planes (own, nxt) × (own, nxt). One round."""
+    """Replicated AND of bit planes (own, nxt) × (own, nxt). One round.
+
+    z = a_own ∧ (b_own ⊕ b_nxt) ⊕ a_nxt ∧ b_own, computed in place (two arrays, not five).
+    """
     a_own, a_nxt = a
     b_own, b_nxt = b
-    z = (a_own & (b_own ^ b_nxt)) ^ (a_nxt & b_own)
-    z ^= party.zero_bool(z.size).reshape(z.shape)
+    z = np.bitwise_xor(b_own, b_nxt)
+    z &= a_own
+    t = np.bitwise_and(a_nxt, b_own)
+    z ^= t
+    del t
+    _xor_zero_bool(party, z)
     received = await party.exchange(z, z.shape)
     assert received is not None
     return z, received
@@ -56,7 +72,7 @@ async def _share_y(party: Party, x: ArithShare, bits: int, words: int) -> tuple[
     zeros = np.zeros((bits, words), dtype=DTYPE)
     round_, op = party.new_op()
     if party.index == 0:
-        y = bitslice((x.own + x.nxt) & low_mask(bits), bits)
+        y = bitslice(x.own, bits, plus=x.nxt)
         y1 = party.rand.next.words(round_, op, bits * words).reshape(bits, words)
         y0 = y ^ y1
         await party.exchange(y0, None)
@@ -76,8 +92,8 @@ def _x2_planes(party: Party, x: ArithShare, bits: int, words: int) -> tuple[np.n
     if party.index == 0:
         return zeros, zeros
     if party.index == 1:
-        return zeros, bitslice(x.nxt & low_mask(bits), bits)
-    return bitslice(x.own & low_mask(bits), bits), zeros
+        return zeros, bitslice(x.nxt, bits)
+    return bitslice(x.own, bits), zeros
 
 
 async def _carry_tree(
@@ -86,32 +102,34 @@ async def _carry_tree(
     """Carry out of all positions in ``g``/``p`` (rows = bit positions, low first).
 
     Each level pairs neighbours (lo, hi); the lowest group's P is never needed because no
-    carry enters bit 0, so its AND is skipped. All ANDs of a level share one round.
+    carry enters bit 0, so its AND is skipped. All ANDs of a level share one round. Operands
+    and results are written into preallocated arrays (no concatenation chains).
     """
     (g_own, g_nxt), (p_own, p_nxt) = g, p
     while g_own.shape[0] > 1:
-        m = g_own.shape[0]
+        m, words = g_own.shape
         pairs = m // 2
-        lo, hi = slice(0, 2 * pairs, 2), slice(1, 2 * pairs, 2)
-        a = (
-            np.concatenate([p_own[hi], p_own[hi][1:]]),
-            np.concatenate([p_nxt[hi], p_nxt[hi][1:]]),
-        )
-        b = (
-            np.concatenate([g_own[lo], p_own[lo][1:]]),
-            np.concatenate([g_nxt[lo], p_nxt[lo][1:]]),
-        )
-        r_own, r_nxt = await and_planes(party, a, b)
-        new_g_own, new_g_nxt = g_own[hi] ^ r_own[:pairs], g_nxt[hi] ^ r_nxt[:pairs]
-        # group 0 keeps a placeholder P (never read); groups ≥ 1 get P_hi ∧ P_lo
-        new_p_own = np.concatenate([p_own[:1], r_own[pairs:]])
-        new_p_nxt = np.concatenate([p_nxt[:1], r_nxt[pairs:]])
-        if m % 2:
-            new_g_own = np.concatenate([new_g_own, g_own[m - 1 :]])
-            new_g_nxt = np.concatenate([new_g_nxt, g_nxt[m - 1 :]])
-            new_p_own = np.concatenate([new_p_own, p_own[m - 1 :]])
-            new_p_nxt = np.concatenate([new_p_nxt, p_nxt[m - 1 :]])
-        g_own, g_nxt, p_own, p_nxt = new_g_own, new_g_nxt, new_p_own, new_p_nxt
+        ands = 2 * pairs - 1
+        a = (np.empty((ands, words), DTYPE), np.empty((ands, words), DTYPE))
+        b = (np.empty((ands, words), DTYPE), np.empty((ands, words), DTYPE))
+        for dst_a, dst_b, gs, ps in ((a[0], b[0], g_own, p_own), (a[1], b[1], g_nxt, p_nxt)):
+            dst_a[:pairs] = ps[1 : 2 * pairs : 2]  # P_hi, for G_hi ⊕ P_hi ∧ G_lo
+            dst_a[pairs:] = dst_a[1:pairs]         # P_hi, for P_hi ∧ P_lo (groups ≥ 1)
+            dst_b[:pairs] = gs[0 : 2 * pairs : 2]  # G_lo
+            dst_b[pairs:] = ps[2 : 2 * pairs : 2]  # P_lo (groups ≥ 1)
+        r = await and_planes(party, a, b)
+        del a, b
+        size = pairs + m % 2
+        out_g = (np.empty((size, words), DTYPE), np.empty((size, words), DTYPE))
+        out_p = (np.empty((size, words), DTYPE), np.empty((size, words), DTYPE))
+        for k, (gs, ps) in enumerate(((g_own, p_own), (g_nxt, p_nxt))):
+            np.bitwise_xor(gs[1 : 2 * pairs : 2], r[k][:pairs], out=out_g[k][:pairs])
+            out_p[k][0] = ps[0]  # group 0 keeps a placeholder P (never read)
+            out_p[k][1:pairs] = r[k][pairs:]
+            if m % 2:
+                out_g[k][pairs] = gs[m - 1]
+                out_p[k][pairs] = ps[m - 1]
+        (g_own, g_nxt), (p_own, p_nxt) = out_g, out_p
     return g_own, g_nxt
 
 
