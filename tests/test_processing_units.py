@@ -185,3 +185,10 @@ def test_results_and_status_must_be_signed_by_the_roster_node() -> None:
         verify_status(st, ids[0].signing.verify_key)
     with pytest.raises(ValidationError):
         build_status("j1", "exploded", "n2")
+
+
+def test_the_shipped_share_mode_example_loads() -> None:
+    from pathlib import Path
+
+    mode = load_share_mode(Path(__file__).parents[1] / "config" / "share-mode.example.toml")
+    assert mode.geo.unit == mode.encodings["x"].unit == "m@aeqd:48.2082,16.3738"
