@@ -36,8 +36,8 @@ from ciphertwin.demo.contact_tracing import (  # noqa: E402
 from ciphertwin.log import configure_logging  # noqa: E402
 
 
-def _descendants(root: int) -> list[int]:
-    """Every process below ``root`` (Linux /proc; empty elsewhere)."""
+def _descendants(root: int) -> list[tuple[int, int]]:
+    """(pid, parent pid) of every process below ``root`` (Linux /proc; empty elsewhere)."""
     parent: dict[int, int] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if entry.isdigit():
@@ -48,9 +48,9 @@ def _descendants(root: int) -> list[int]:
                 continue
     out, todo = [], [root]
     while todo:
-        kids = [p for p, pp in parent.items() if pp == todo[-1]]
-        todo.pop()
-        out += kids
+        here = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == here]
+        out += [(k, here) for k in kids]
         todo += kids
     return out
 
@@ -63,10 +63,12 @@ def _status(pid: int) -> dict[str, str]:
 def peak_rss() -> dict[str, object]:
     """Peak resident memory (MB) of this process and of each live worker process."""
     workers = []
-    for pid in _descendants(os.getpid()):
+    tree = _descendants(os.getpid())
+    parents = {pp for _, pp in tree}
+    for pid, _ in tree:  # the pools share one forkserver; its children do the work
         try:
             st = _status(pid)
-            workers.append({"pid": pid, "name": st["Name"].strip(),
+            workers.append({"pid": pid, "name": "forkserver" if pid in parents else "worker",
                             "peak_mb": round(int(st["VmHWM"].split()[0]) / 1024, 1)})
         except (OSError, KeyError, ValueError):
             continue

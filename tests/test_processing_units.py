@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import re
 import subprocess
 import sys
@@ -185,3 +186,43 @@ def test_results_and_status_must_be_signed_by_the_roster_node() -> None:
         verify_status(st, ids[0].signing.verify_key)
     with pytest.raises(ValidationError):
         build_status("j1", "exploded", "n2")
+
+
+def test_the_shipped_share_mode_example_loads() -> None:
+    from pathlib import Path
+
+    mode = load_share_mode(Path(__file__).parents[1] / "config" / "share-mode.example.toml")
+    assert mode.geo.unit == mode.encodings["x"].unit == "m@aeqd:48.2082,16.3738"
+
+
+async def test_device_agent_in_share_mode_seals_three_items_and_refuses_out_of_range(
+        tmp_path) -> None:
+    """What ``ciphertwin device run --shares`` wires up: the agent's expand hook is the share
+    mode from the TOML file; a refused reading leaves nothing in the outbox."""
+    import time
+
+    from ciphertwin.agents.bundle import BrokerConnection, enroll_from_bundle, load_enrolled_device
+    from ciphertwin.agents.device import DeviceAgent
+    from ciphertwin.agents.identity import Identity
+    from ciphertwin.agents.outbox import Outbox
+    from ciphertwin.agents.owner import OwnerAgent
+    from ciphertwin.agents.sources import Reading
+    from ciphertwin.protocol.items import decode_item
+
+    owner = OwnerAgent(Identity.generate("alice", "owner"), None)  # type: ignore[arg-type]
+    bundle = owner.enroll_device("t1", "d1", BrokerConnection("127.0.0.1", 1883, "d1", "x"))
+    enroll_from_bundle(bundle, tmp_path / "d1")
+    (tmp_path / "d1" / SHARE_MODE_FILE).write_text(
+        (Path(__file__).parents[1] / "config" / "share-mode.example.toml").read_text())
+    mode = load_share_mode(tmp_path / "d1" / SHARE_MODE_FILE)
+    async with Outbox(tmp_path / "d1" / "outbox.db") as outbox:
+        agent = DeviceAgent(load_enrolled_device(tmp_path / "d1"), None, outbox,  # type: ignore[arg-type]
+                            expand=mode)
+        seqs = await agent.record(Reading("location", {"lat": 48.21, "lon": 16.37}, time.time()))
+        assert seqs == [1, 2, 3]
+        items = [decode_item(p) for _, p in await outbox.pending(10)]
+        assert [sorted(a for a in i["attrs"] if a.startswith("share:")) for i in items] == \
+            [["share:0"], ["share:1"], ["share:2"]]
+        with pytest.raises(ValidationError, match="outside its declared range"):  # Graz
+            await agent.record(Reading("location", {"lat": 47.07, "lon": 15.44}, time.time()))
+        assert await outbox.count() == 3

@@ -241,3 +241,30 @@ def test_out_of_range_coordinates_are_refused_before_upload() -> None:
     with pytest.raises(ValidationError, match=r"'x' is outside its declared range \[-50000, 50000\] m"):
         for r in location_readings(paths, paths.users["far-away"]):
             mode(r, ())
+
+
+def test_demo_cli_takes_csv_replays_old_minutes_and_keeps_ids(tmp_path: Path) -> None:
+    """``ciphertwin demo contact-tracing --paths/--reference`` as a user runs it."""
+    import subprocess
+    import sys
+
+    rows = ["user,epoch,x,y"] + [f"user-000,{600 + j},{10.0 * j},1.0" for j in range(6) if j != 2]
+    rows += ["Zoë Müller,603,500,500", "Zoë Müller,601,10,-2", "nobody,,,"]
+    ref = ["epoch,x,y"] + [f"{600 + j},{10.0 * j},0" for j in range(6)]
+    users_csv, ref_csv = _write(tmp_path, "u.csv", "\n".join(rows)), _write(tmp_path, "r.csv", "\n".join(ref))
+    cmd = [sys.executable, "-m", "ciphertwin", "demo", "contact-tracing", "--paths", str(users_csv),
+           "--reference", str(ref_csv), "--rtt-ms", "0"]
+    old = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert old.returncode == 2 and "--replay" in old.stderr and "Traceback" not in old.stderr
+    run = subprocess.run(cmd + ["--replay"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    assert "checked against plaintext: OK" in out and "replayed: every reading moved by" in out
+    for user, count in (("user-000", 5), ("Zoë Müller", 1), ("nobody", 0)):
+        assert f"  {user:24} {count:>6} contact epoch(s)" in out
+    assert "window 1970-01-01T10:00:00Z" not in out and "Z .. " in out  # ISO-8601 UTC, moved
+    bad = _write(tmp_path, "b.csv", "user,epoch,x,y\nuser-000,600,1,1\nuser-000,6o1,1,1\n")
+    refused = subprocess.run(cmd[:6] + [str(bad)] + cmd[7:], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "line 3: epoch '6o1'" in refused.stderr
+    assert "Traceback" not in refused.stderr
