@@ -190,9 +190,9 @@ async def _device_run(args: argparse.Namespace) -> int:
             Outbox(home / "outbox.db") as outbox:
         expand = {}
         if args.shares:  # 3+: three additive shares per numeric reading, share:i attributes
-            from ciphertwin.agents.share_mode import share_items
+            from ciphertwin.agents.share_mode import SHARE_MODE_FILE, load_share_mode
 
-            expand = {"expand": share_items}
+            expand = {"expand": load_share_mode(args.share_config or home / SHARE_MODE_FILE)}
         agent = DeviceAgent(config, bus, outbox, **expand)
         print(f"device {config.device} → twin {config.twin}: {await outbox.count()} item(s) "
               "waiting in the outbox; Ctrl-C stops", flush=True)
@@ -278,6 +278,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--source", help="override the bundle's source spec (JSON)")
     p.add_argument("--shares", action="store_true",
                    help="upload 3 secret shares per reading (for MPC processing) instead")
+    p.add_argument("--share-config", type=Path,
+                   help="share-mode TOML: declared field encodings, optional geo origin "
+                        "(default <home>/share-mode.toml; docs/processing.md)")
     p.set_defaults(func=_device_run)
 
     watch = subparsers.add_parser("watch", help="show decrypted live items of a twin")

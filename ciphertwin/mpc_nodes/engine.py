@@ -1,11 +1,14 @@
 """Entry points the node service calls: run a registered function on a job's inputs.
 
-    inputs = await load_inputs(party, "contact_tracing", params, additive_shares)  # 1 round
-    share  = await run_function(party, "contact_tracing", params, inputs)
-    blob   = seal_output(share, receiver_public_key)          # → receivers/{r}/results/{job}
+    inputs, layout, labels = arrange(job_spec, opened)                   # mpc_nodes.arrange
+    check_encodings(name, params, {input: job_fields[binding field]})    # before any round
+    shared = await load_inputs(party, name, params, inputs)              # 1 round
+    share  = await run_function(party, name, params, shared, layout)
+    blob   = seal_output(share, receiver_public_key)       # → receivers/{r}/results/{job}
 
-``run_function`` validates the name, parameters and input names before any message is sent,
-so a bad job fails identically and immediately on all three nodes.
+Functions work on flat per-reading share vectors and the public :class:`Layout`; both calls
+validate the name, the parameters, the input names and their lengths against the layout before
+any message is sent, so a bad job fails identically and immediately on all three nodes.
 """
 
 from __future__ import annotations
@@ -17,40 +20,52 @@ import numpy as np
 
 from ciphertwin.mpc_nodes.functions import get_function
 from ciphertwin.mpc_nodes.functions.registry import check_inputs
+from ciphertwin.mpc_nodes.layout import Layout
 from ciphertwin.mpc_nodes.output import OutputShare
 from ciphertwin.mpc_nodes.party import Party
 from ciphertwin.mpc_nodes.protocols.arithmetic import from_additive_many
 from ciphertwin.mpc_nodes.shares import ArithShare
 
 
+def check_encodings(name: str, params: Mapping[str, Any], encodings: Mapping[str, Any]) -> None:
+    """The job's declared field encodings, by input name, fit function ``name``'s parameters."""
+    spec = get_function(name)
+    spec.check_encodings(spec.parse(params), encodings)
+
+
 async def load_inputs(
-    party: Party, name: str, params: Mapping[str, Any], additive: Mapping[str, np.ndarray]
+    party: Party, name: str, params: Mapping[str, Any], additive: Mapping[str, np.ndarray],
+    layout: Layout | None = None,
 ) -> dict[str, ArithShare]:
     """Node i's additive input shares → replicated shares, in one round for all inputs.
 
-    Only the low ``input_bits`` bits the function needs are sent (e.g. 45 of 64 for contact
-    tracing with the default bounds).
+    Only the low ``input_bits`` bits the function needs are sent (e.g. 44 of 64 for contact
+    tracing with 20-bit coordinates). With a layout the vectors' lengths are checked first.
     """
     spec = get_function(name)
     parsed = spec.parse(params)
-    check_inputs(spec, additive)
+    check_inputs(spec, additive, layout)
     return await from_additive_many(party, dict(additive), bits=spec.input_bits(parsed))
 
 
 async def run_function(
-    party: Party, name: str, params: Mapping[str, Any], inputs: Mapping[str, ArithShare]
+    party: Party, name: str, params: Mapping[str, Any], inputs: Mapping[str, ArithShare],
+    layout: Layout,
 ) -> OutputShare:
     """Run function ``name`` on replicated inputs; returns this node's output share."""
     spec = get_function(name)
     parsed = spec.parse(params)
-    check_inputs(spec, inputs)
-    values = await spec.protocol(party, parsed, inputs)
+    check_inputs(spec, inputs, layout)
+    values = await spec.protocol(party, parsed, inputs, layout)
     return OutputShare(party.job, name, party.index, np.asarray(values))
 
 
-def expected_rounds(name: str, params: Mapping[str, Any], *, with_inputs: bool = True) -> int:
-    """Rounds a job will take (independent of the number of users and points)."""
+def expected_rounds(name: str, params: Mapping[str, Any], layout: Layout | None = None, *,
+                    with_inputs: bool = True) -> int:
+    """Rounds a job will take; never grows with the number of users or points.
+
+    It may depend on the public layout (contact tracing adds a small comparison when some
+    user has several reading pairs in one epoch); without a layout it is an upper bound.
+    """
     spec = get_function(name)
-    parsed = spec.parse(params)
-    assert spec.rounds is not None
-    return spec.rounds(parsed) + (1 if with_inputs else 0)
+    return spec.rounds(spec.parse(params), layout) + (1 if with_inputs else 0)

@@ -1,8 +1,15 @@
-"""Aggregates twins commonly need: sum, mean, count above a threshold, histogram.
+"""Aggregates twins commonly need, per user twin: sum, mean, count above a threshold, histogram.
 
-Input: ``values`` (replicated shares, any shape ≥ 1-D); every aggregate reduces the last axis,
-so (points,) gives one result and (users, points) one per user. Sums are local (no round);
-comparisons cost one sign extraction for all values and all thresholds/edges together.
+Input ``values``: one flat share vector over the readings of every twin of role ``"user"``
+(the job's single declared field), with the public layout saying which row each reading
+belongs to. Every aggregate is *per user row over that row's readings in the job window*:
+a row without readings gets sum 0, count 0, an all-zero histogram and mean ``None``.
+
+Sums are local (prefix sums per row on each share half, no round); comparisons cost one sign
+extraction for all readings and all thresholds/edges together, then one bit → ring round whose
+output stays additive because the bits are only summed. Values, thresholds and edges are in
+the field's encoded units (round(v · 2^frac)); mean's count is public (the layout has it), so
+the receiver divides a secret sum by a count the nodes already knew.
 """
 
 from __future__ import annotations
@@ -15,22 +22,33 @@ import numpy as np
 
 from ciphertwin.mpc_nodes.errors import MpcValidationError
 from ciphertwin.mpc_nodes.fixed_point import decode_fixed
-from ciphertwin.mpc_nodes.functions.registry import FunctionSpec, check_known, param_int, register
+from ciphertwin.mpc_nodes.functions.registry import (
+    USER,
+    FunctionSpec,
+    check_known,
+    encodings_for,
+    param_int,
+    register,
+)
+from ciphertwin.mpc_nodes.functions.segments import segment_sums
+from ciphertwin.mpc_nodes.layout import Layout
 from ciphertwin.mpc_nodes.party import Party
-from ciphertwin.mpc_nodes.protocols.arithmetic import to_output
+from ciphertwin.mpc_nodes.protocols.arithmetic import mask_additive
 from ciphertwin.mpc_nodes.protocols.boolean import b2a_additive, ltz, ltz_rounds
 from ciphertwin.mpc_nodes.ring import DTYPE, to_signed
 from ciphertwin.mpc_nodes.shares import ArithShare
 
-INPUTS = ("values",)
+INPUTS = {"values": USER}
 MAX_EDGES = 256
 
 
-def _values(inputs: Mapping[str, Any]) -> Any:
-    v = inputs["values"]
-    if len(v.shape) < 1 or v.shape[-1] < 1:
-        raise MpcValidationError(f"values must have at least one element on the last axis, got {v.shape}")
-    return v
+def _per_row(values: np.ndarray, layout: Layout) -> np.ndarray:
+    """Σ per user row of a (..., readings) ring array → (..., rows); local on shares."""
+    return segment_sums(values, layout.row[USER], layout.rows[USER])
+
+
+def _values_encoding(name: str, encodings: Mapping[str, Any]) -> Any:
+    return encodings_for(name, INPUTS, encodings)["values"]
 
 
 # -- sum and mean ---------------------------------------------------------------------------
@@ -46,39 +64,47 @@ def parse_sum(params: Mapping[str, Any]) -> SumParams:
     return SumParams(frac_bits=param_int(params, "frac_bits", low=0, high=62, default=0))
 
 
-async def sum_protocol(party: Party, _p: SumParams, inputs: Mapping[str, ArithShare]) -> np.ndarray:
-    return to_output(party, _values(inputs).sum(axis=-1))
+def _check_frac(name: str) -> Any:
+    def check(p: SumParams, encodings: Mapping[str, Any]) -> None:
+        enc = _values_encoding(name, encodings)
+        if enc.frac != p.frac_bits:
+            raise MpcValidationError(
+                f"{name}: the field is encoded with frac {enc.frac} but frac_bits={p.frac_bits}; "
+                f"set frac_bits to {enc.frac} so the result decodes in {enc.unit!r}")
+    return check
 
 
-def sum_reference(_p: SumParams, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    return np.asarray(_values(inputs).sum(axis=-1, dtype=DTYPE))
+async def sum_protocol(party: Party, _p: SumParams, inputs: Mapping[str, ArithShare],
+                       layout: Layout) -> np.ndarray:
+    return mask_additive(party, _per_row(inputs["values"].own, layout))
+
+
+def sum_reference(_p: SumParams, inputs: Mapping[str, np.ndarray], layout: Layout) -> np.ndarray:
+    return _per_row(np.asarray(inputs["values"], dtype=DTYPE), layout)
 
 
 def sum_decode(p: SumParams, opened: np.ndarray) -> Any:
     return decode_fixed(opened, p.frac_bits).tolist() if p.frac_bits else to_signed(opened).tolist()
 
 
-async def mean_protocol(party: Party, _p: SumParams, inputs: Mapping[str, ArithShare]) -> np.ndarray:
-    """Output (..., 2): the secret sum and the public count (party 0 adds it, so it opens)."""
-    values = _values(inputs)
-    total = values.sum(axis=-1)
-    count = ArithShare(party.index, np.zeros_like(total.own), np.zeros_like(total.own))
-    count = count.add_public(values.shape[-1])
-    stacked = ArithShare(
-        party.index, np.stack([total.own, count.own], -1), np.stack([total.nxt, count.nxt], -1)
-    )
-    return to_output(party, stacked)
+async def mean_protocol(party: Party, _p: SumParams, inputs: Mapping[str, ArithShare],
+                        layout: Layout) -> np.ndarray:
+    """Output (rows, 2): the secret sum and the public count (party 0's share carries it)."""
+    out = np.zeros((layout.rows[USER], 2), dtype=DTYPE)
+    out[:, 0] = _per_row(inputs["values"].own, layout)
+    if party.index == 0:
+        out[:, 1] = layout.counts(USER).astype(DTYPE)
+    return mask_additive(party, out)
 
 
-def mean_reference(p: SumParams, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    values = _values(inputs)
-    total = np.asarray(values.sum(axis=-1, dtype=DTYPE))
-    return np.stack([total, np.full_like(total, values.shape[-1])], -1)
+def mean_reference(p: SumParams, inputs: Mapping[str, np.ndarray], layout: Layout) -> np.ndarray:
+    return np.stack([sum_reference(p, inputs, layout), layout.counts(USER).astype(DTYPE)], -1)
 
 
-def mean_decode(p: SumParams, opened: np.ndarray) -> Any:
+def mean_decode(p: SumParams, opened: np.ndarray) -> list[float | None]:
     total = decode_fixed(opened[..., 0], p.frac_bits)
-    return (total / to_signed(opened[..., 1]).astype(np.float64)).tolist()
+    count = to_signed(opened[..., 1])
+    return [float(t / c) if c > 0 else None for t, c in zip(total.tolist(), count.tolist(), strict=True)]
 
 
 # -- comparisons ----------------------------------------------------------------------------
@@ -94,6 +120,16 @@ class ThresholdParams:
         return self.value_bits + 2  # |t - v| < 2^(value_bits + 1)
 
 
+def _check_value_bits(name: str) -> Any:
+    def check(p: Any, encodings: Mapping[str, Any]) -> None:
+        enc = _values_encoding(name, encodings)
+        if enc.bound >= 1 << p.value_bits:
+            raise MpcValidationError(
+                f"{name}: the field may encode up to {enc.bound}, which does not fit "
+                f"value_bits={p.value_bits} (|encoded| < {1 << p.value_bits}); raise value_bits")
+    return check
+
+
 def parse_count_above(params: Mapping[str, Any]) -> ThresholdParams:
     check_known(params, {"threshold", "value_bits"})
     vb = param_int(params, "value_bits", low=1, high=62, default=62)
@@ -101,13 +137,11 @@ def parse_count_above(params: Mapping[str, Any]) -> ThresholdParams:
     return ThresholdParams(param_int(params, "threshold", low=-bound, high=bound), vb)
 
 
-async def count_above_protocol(
-    party: Party, p: ThresholdParams, inputs: Mapping[str, ArithShare]
-) -> np.ndarray:
-    """#{v > t} = #{t - v < 0}: one sign extraction, one bit injection, a local sum."""
-    values = _values(inputs)
-    above = await ltz(party, (-values).add_public(p.threshold), p.bits)
-    return (await b2a_additive(party, above)).reshape(values.shape).sum(axis=-1, dtype=DTYPE)
+async def count_above_protocol(party: Party, p: ThresholdParams, inputs: Mapping[str, ArithShare],
+                               layout: Layout) -> np.ndarray:
+    """#{v > t} = #{t - v < 0}: one sign extraction, one bit injection, local row sums."""
+    above = await ltz(party, (-inputs["values"]).add_public(p.threshold), p.bits)
+    return mask_additive(party, _per_row(await b2a_additive(party, above), layout))
 
 
 def _check_bound(values: np.ndarray, bits: int) -> np.ndarray:
@@ -117,9 +151,10 @@ def _check_bound(values: np.ndarray, bits: int) -> np.ndarray:
     return signed
 
 
-def count_above_reference(p: ThresholdParams, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    signed = _check_bound(_values(inputs), p.value_bits)
-    return np.asarray((signed > p.threshold).sum(axis=-1)).astype(DTYPE)
+def count_above_reference(p: ThresholdParams, inputs: Mapping[str, np.ndarray],
+                          layout: Layout) -> np.ndarray:
+    above = _check_bound(inputs["values"], p.value_bits) > p.threshold
+    return _per_row(above.astype(DTYPE), layout)
 
 
 def counts_decode(_p: Any, opened: np.ndarray) -> Any:
@@ -149,38 +184,52 @@ def parse_histogram(params: Mapping[str, Any]) -> HistogramParams:
     return HistogramParams(parsed, vb)
 
 
-async def histogram_protocol(
-    party: Party, p: HistogramParams, inputs: Mapping[str, ArithShare]
-) -> np.ndarray:
-    """Bin j counts e_j ≤ v < e_{j+1}: with S_j = #{v < e_j}, bin_j = S_{j+1} - S_j.
+def _bins(below: np.ndarray, layout: Layout) -> np.ndarray:
+    """(edges, readings) bits [v < e_j] → (rows, bins): bin_j = S_{j+1} − S_j."""
+    s = _per_row(below, layout)
+    return np.ascontiguousarray((s[1:] - s[:-1]).T)
 
-    All values against all edges in one sign extraction (values × edges elements).
+
+async def histogram_protocol(party: Party, p: HistogramParams, inputs: Mapping[str, ArithShare],
+                             layout: Layout) -> np.ndarray:
+    """Bin j counts e_j ≤ v < e_{j+1}: with S_j = #{v < e_j}, bin_j = S_{j+1} − S_j.
+
+    All readings against all edges in one sign extraction (edges × readings elements).
     """
-    values = _values(inputs)
+    values = inputs["values"]
     edges = np.array(p.edges, dtype=np.int64)[:, None]
-    spread = ArithShare(party.index, values.own[..., None, :], values.nxt[..., None, :])
-    diff = spread.add_public(-edges)  # (..., K, P): v - e_j
+    spread = ArithShare(party.index, values.own[None, :], values.nxt[None, :])
+    diff = spread.add_public(-edges)  # (K, n): v − e_j
     below = await ltz(party, diff, p.bits)
-    s = (await b2a_additive(party, below)).reshape(diff.shape).sum(axis=-1, dtype=DTYPE)
-    return s[..., 1:] - s[..., :-1]
+    bits = (await b2a_additive(party, below)).reshape(diff.shape)
+    return mask_additive(party, _bins(bits, layout))
 
 
-def histogram_reference(p: HistogramParams, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    signed = _check_bound(_values(inputs), p.value_bits)
-    edges = np.array(p.edges, dtype=np.int64)
-    below = (signed[..., None, :] < edges[:, None]).sum(axis=-1)
-    return (below[..., 1:] - below[..., :-1]).astype(DTYPE)
+def histogram_reference(p: HistogramParams, inputs: Mapping[str, np.ndarray],
+                        layout: Layout) -> np.ndarray:
+    signed = _check_bound(inputs["values"], p.value_bits)
+    below = signed[None, :] < np.array(p.edges, dtype=np.int64)[:, None]
+    return _bins(below.astype(DTYPE), layout)
 
 
-SUM = register(FunctionSpec("sum", "aggregate", INPUTS, parse_sum, sum_protocol, sum_reference,
-                            sum_decode, rounds=lambda _p: 0, doc="Σ over the last axis"))
-MEAN = register(FunctionSpec("mean", "aggregate", INPUTS, parse_sum, mean_protocol, mean_reference,
-                             mean_decode, rounds=lambda _p: 0, doc="mean over the last axis"))
+def _fixed(rounds: int) -> Any:
+    return lambda _p, _layout: rounds
+
+
+SUM = register(FunctionSpec(
+    "sum", "aggregate", INPUTS, parse_sum, sum_protocol, sum_reference, sum_decode,
+    rounds=_fixed(0), check_encodings=_check_frac("sum"), doc="Σ of each user row's readings"))
+MEAN = register(FunctionSpec(
+    "mean", "aggregate", INPUTS, parse_sum, mean_protocol, mean_reference, mean_decode,
+    rounds=_fixed(0), check_encodings=_check_frac("mean"),
+    doc="mean of each user row's readings (None for a row without readings)"))
 COUNT_ABOVE = register(FunctionSpec(
     "count_above", "distribution", INPUTS, parse_count_above, count_above_protocol,
-    count_above_reference, counts_decode, input_bits=lambda p: p.bits,
-    rounds=lambda p: ltz_rounds(p.bits) + 1, doc="#{v > threshold} over the last axis"))
+    count_above_reference, counts_decode, rounds=lambda p, _layout: ltz_rounds(p.bits) + 1,
+    check_encodings=_check_value_bits("count_above"), input_bits=lambda p: p.bits,
+    doc="#{v > threshold} per user row"))
 HISTOGRAM = register(FunctionSpec(
     "histogram", "distribution", INPUTS, parse_histogram, histogram_protocol,
-    histogram_reference, counts_decode, input_bits=lambda p: p.bits,
-    rounds=lambda p: ltz_rounds(p.bits) + 1, doc="counts per [e_j, e_j+1) over the last axis"))
+    histogram_reference, counts_decode, rounds=lambda p, _layout: ltz_rounds(p.bits) + 1,
+    check_encodings=_check_value_bits("histogram"), input_bits=lambda p: p.bits,
+    doc="counts per [e_j, e_j+1) per user row"))
