@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Privacy-preserving processing (2+, 3+, 6+) as separate services, as docs/processing.md
-# ("Separate services, step by step") describes: broker, cloud, operator, three MPC nodes,
-# three owners whose phones upload secret-shared locations with their own timestamps, and a
-# receiver that submits a contact-tracing job and fetches its result after it finished.
+# Privacy-preserving processing (2+, 3+, 6+) with every party a separate `ciphertwin` process
+# over MQTT, step by step as in docs/processing.md ("Separate services, step by step"):
+# broker, cloud, operator, three MPC nodes, three owners whose phones upload secret-shared
+# WGS84 positions with their own timestamps, and a receiver that submits a contact-tracing
+# job, waits for it, and only then fetches the result (results are retained).
 #   PORT=1885 WORKDIR=/tmp/ct-processing examples/processing.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,70 +21,94 @@ export CIPHERTWIN_CLOUD_PASSWORD=$(python3 -c 'import secrets; print(secrets.tok
 # everyone pins the operator key that signs the node roster (config: [processing] operator_key)
 export CIPHERTWIN_PROCESSING__OPERATOR_KEY=$WORKDIR/home/operator/public.key
 q="--log-level WARNING"
-pids=()
-trap 'kill ${pids[@]} 2>/dev/null; wait 2>/dev/null' EXIT
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return; sleep 0.1; done; exit 1; }
+broker=""; pids=()
+stop() { kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true
+         [ -z "$broker" ] || { kill "$broker"; wait "$broker"; } 2>/dev/null || true; }
+trap stop EXIT
+up() { for _ in $(seq 150); do grep -q listening "$WORKDIR/broker.log" 2>/dev/null && return
+       sleep 0.1; done; echo "broker did not come up" >&2; exit 1; }
+each() { local ps=() p; for x in "${@:2}"; do "$1" "$x" & ps+=($!); done   # one machine each:
+         for p in "${ps[@]}"; do wait "$p"; done; }                          # run side by side
 
-echo "== services"
+echo "== 1. broker, cloud, operator"
 echo "$CIPHERTWIN_CLOUD_PASSWORD" | ciphertwin clients add cloud --role cloud --password-stdin
-ciphertwin operator init --name operator                 # signs the node roster
-ciphertwin $q broker & pids+=($!)
-wait_port
-ciphertwin $q cloud & pids+=($!)
+ciphertwin operator init --name operator                 # the key that signs the node roster
+ciphertwin $q broker > "$WORKDIR/broker.log" & broker=$! # embedded amqtt: auth + ACLs
+up
+ciphertwin $q cloud & pids+=($!)                         # stores ciphertext only
 
-echo "== nodes and roster"
-for i in 0 1 2; do                                       # on each node's machine
-    ciphertwin node init --name node$i
-    ciphertwin node entry --name node$i --index $i --out "$WORKDIR/node$i.entry"  # public, 0644
-done
+echo "== 2. nodes and roster"
+node_keys() {                                            # on node $1's machine
+    ciphertwin node init --name node$1
+    ciphertwin node entry --name node$1 --index $1 --out "$WORKDIR/node$1.entry"
+}                                                        # entries are public (0644), node-signed
+each node_keys 0 1 2
 ciphertwin $q operator publish-roster --name operator \
     --entry "$WORKDIR/node0.entry" --entry "$WORKDIR/node1.entry" --entry "$WORKDIR/node2.entry"
 for i in 0 1 2; do
     ciphertwin $q node --name node$i --index $i --workers 1 & pids+=($!)
 done
-ciphertwin receiver init --name bob                      # will submit the job and read it
+ciphertwin receiver init --name bob                      # submits the job, reads the result
 
-echo "== owners, phones in share mode"
-# Readings carry their own time: 10 epochs of 10 s, aligned to the clock, starting a minute ago.
-# The reference (a patient) walks along y = 0; alice is 1 m beside it in epochs 2, 4, 5, 6
-# (no reading in epoch 3: no GPS fix) and uploads her points newest first; carol is near it
-# only in epoch 8, where she has two readings (one near, one far: the epoch counts once).
+echo "== 3. owners, phones in share mode, permits"
+# Every phone declares how it encodes its fields (nodes refuse readings encoded otherwise):
+# WGS84 lat/lon projected on the phone to metres around an origin, 1/16 m, within ±50 km.
+origin="48.2082,16.3738"
+field='{"unit": "m@aeqd:'$origin'", "frac": 4, "min": -50000.0, "max": 50000.0}'
+echo '{"x": '"$field"', "y": '"$field"'}' > "$WORKDIR/fields.json"   # the job declares the same
+python3 - "$WORKDIR/fields.json" "$origin" > "$WORKDIR/share-mode.toml" <<'EOF'
+import json, sys
+print(f"[geo]\norigin = [{sys.argv[2]}]")
+for name, enc in json.load(open(sys.argv[1])).items():
+    print(f"[fields.{name}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in enc.items()))
+EOF
+# Readings carry their own time: 10 epochs of 10 s aligned to the clock, from a minute ago.
+# dave (the reference) walks north from the origin, 11 m per epoch; alice is < 1 m east of
+# him in epochs 2, 4, 5 and 6, has no reading in epoch 3 (no fix) and uploads newest first;
+# carol stays 300 m west but for a second reading 1.5 m away in epoch 8 (counts once).
 t0=$(( $(date +%s) / 10 * 10 - 60 ))
-point() { printf '{"type": "location", "time": %d, "values": {"x": %d, "y": %d}}\n' "$@"; }
-for k in $(seq 0 9); do point $((t0 + 10 * k + 1)) $((10 * k)) 0; done > "$WORKDIR/dave.jsonl"
-for k in 9 8 7 6 5 4 2 1 0; do
-    near=$([ "$k" -ge 2 ] && [ "$k" -le 6 ] && echo 1 || echo 400)
-    point $((t0 + 10 * k + 3)) $((10 * k + near)) 0
-done > "$WORKDIR/alice.jsonl"
-{ for k in $(seq 0 9); do point $((t0 + 10 * k + 5)) $((10 * k)) 300; done
-  point $((t0 + 80 + 7)) 80 2; } > "$WORKDIR/carol.jsonl"
-for owner in alice carol dave; do
-    ciphertwin owner init --name $owner
-    ciphertwin $q owner register --name $owner
-    ciphertwin $q owner enroll-device --name $owner --twin $owner-path --device $owner-phone \
-        --epoch hour --out "$WORKDIR/$owner-phone.bundle"
-    ciphertwin device enroll "$WORKDIR/$owner-phone.bundle"
-    ciphertwin $q device run --name $owner-phone --shares --source '{"kind": "stdin"}' \
-        < "$WORKDIR/$owner.jsonl" & pids+=($!)
+path() { awk -v t0="$t0" -v who="$1" 'BEGIN {
+    for (k = 9; k >= 0; k--) {
+        lat = 48.2082 + k * 0.0001; lon = 16.3738
+        if (who == "alice") { if (k == 3) continue; lon += (k >= 2 && k <= 6) ? 0.00001 : 0.005 }
+        if (who == "carol") {
+            if (k == 8) printf "{\"type\": \"location\", \"time\": %d, \"values\": {\"lat\": %.7f, \"lon\": %.7f}}\n", t0 + 10 * k + 7, lat, lon + 0.00002
+            lon -= 0.004
+        }
+        printf "{\"type\": \"location\", \"time\": %d, \"values\": {\"lat\": %.7f, \"lon\": %.7f}}\n", t0 + 10 * k + 1, lat, lon
+    } }'; }
+owner_setup() {                                          # on owner $1's phone and laptop
+    path $1 > "$WORKDIR/$1.jsonl"
+    ciphertwin owner init --name $1
+    ciphertwin $q owner register --name $1
+    ciphertwin $q owner enroll-device --name $1 --twin $1-path --device $1-phone \
+        --epoch hour --out "$WORKDIR/$1-phone.bundle"
+    ciphertwin device enroll "$WORKDIR/$1-phone.bundle"  # on the phone
     # 2+: node i may process share i of this twin's locations, for bob only
-    ciphertwin $q owner grant-processing --name $owner --twins $owner-path \
-        --subset 'type:location' --functions proximity \
-        --receiver-key "$WORKDIR/home/bob/public.key"
+    ciphertwin $q owner grant-processing --name $1 --twins $1-path \
+        --subset 'type:location' --functions proximity --receiver-key "$WORKDIR/home/bob/public.key"
+}
+each owner_setup alice carol dave
+for owner in alice carol dave; do                        # 3+: the phones upload shares
+    ciphertwin $q device run --name $owner-phone --shares --share-config "$WORKDIR/share-mode.toml" \
+        --source '{"kind": "stdin"}' < "$WORKDIR/$owner.jsonl" & pids+=($!)
 done
-for owner in alice carol dave; do                        # wait until the cloud has every share
-    want=$(( 3 * $(wc -l < "$WORKDIR/$owner.jsonl") ))
-    for _ in $(seq 100); do
-        got=$(ciphertwin $q owner history --name $owner $owner-path --json | wc -l)
+stored() {                                               # until the cloud holds every share
+    local want=$(( 3 * $(wc -l < "$WORKDIR/$1.jsonl") )) got=0
+    for _ in $(seq 150); do
+        got=$(ciphertwin $q owner history --name $1 $1-path --json | wc -l)
         [ "$got" -ge "$want" ] && break; sleep 0.2
     done
-    echo "$owner-path: $got shares stored"
-done
+    echo "$1-path: $got of $want shares stored"
+}
+each stored alice carol dave
 
-echo "== job"
+echo "== 4. job"                                        # radius 80 = 5 m in 1/16 m
 ciphertwin $q job submit --name bob --job trace-1 --function contact_tracing \
-    --params '{"radius": 80}' --epoch-s 10 --since "$t0" --until $((t0 + 100)) --points 11 \
+    --params '{"radius": 80}' --fields "@$WORKDIR/fields.json" \
+    --epoch-s 10 --since "$t0" --until $((t0 + 100)) --points 11 \
     --input alice:alice-path:user --input carol:carol-path:user --input dave:dave-path:reference \
     --receiver-key "$WORKDIR/home/bob/public.key" --wait --timeout 60
-echo "== results"                                        # fetched after the job finished
+echo "== 5. results"                                     # fetched after the job finished
 ciphertwin $q receiver results --name bob --job trace-1 --timeout 20 --out "$WORKDIR/results.json"
 cat "$WORKDIR/results.json"

@@ -140,17 +140,19 @@ def test_bad_times_are_one_clear_error(text: str) -> None:
 
 
 SUBMIT = ["job", "submit", "--name", "bob", "--function", "contact_tracing", "--points", "5",
+          "--params", '{"radius": 80}',
           "--input", "a:t:user", "--input", "b:r:reference", "--receiver-key", "no-such.key"]
 
 
 @pytest.mark.parametrize(("extra", "says"), [
     (["--params", "{radius: 80}"], "--params: not JSON"),
     (["--params", "[1, 2]"], "--params: want a JSON object"),
-    (["--params", '{"radius": "far"}'], "--params: parameter 'radius'"),
-    (["--params", '{"radius": 80, "typo": 1}'], "--params: unknown parameters"),
+    (["--params", '{"radius": "far"}'], "parameter 'radius'"),
+    (["--params", '{"radius": 80, "typo": 1}'], "unknown parameters"),
     (["--fields", "{"], "--fields: not JSON"),
-    (["--fields", '{"x": {"unit": "m"}}'], "--fields: a field encoding is a map"),
-    (["--fields", '{"x": {"unit": "m", "frac": 4, "min": 5, "max": -5}}'], "--fields: range"),
+    (["--fields", '{"x": {"unit": "m"}}'], "a field encoding is a map"),
+    (["--fields", '{"x": {"unit": "m", "frac": 4, "min": 5, "max": -5}}'], "is empty"),
+    (["--fields", '{"x": {"unit": "m", "frac": 4, "min": -5, "max": 5}}'], "x and y"),
     (["--since", "tomorrow"], "--since: not an ISO-8601 time"),
     (["--since", "2026-11-22T08:00Z", "--until", "2026-11-22T07:00Z"], "until > since"),
     (["--since", "0", "--until", "1795334400"], "at most"),  # 30 M one-minute epochs
@@ -183,14 +185,18 @@ def test_timeouts_are_one_line_with_exit_3(deployment: Path, broker: None, tmp_p
     capsys.readouterr()
     key = str(tmp_path / "home" / "bob" / "public.key")
     # no cloud answers: the job never gets a final status
-    code = main(["job", "submit", "--name", "bob", "--job", "lost-1", "--function", "sum",
-                 "--points", "3", "--input", "a:t:user", "--receiver-key", key,
+    code = main(["--log-level", "WARNING", "job", "submit", "--name", "bob", "--job", "lost-1", "--function", "sum",
+                 "--params", '{"frac_bits": 16}', "--points", "3", "--input", "a:t:user", "--receiver-key", key,
                  "--wait", "--timeout", "1"])
     out = capsys.readouterr()
-    assert code == EXIT_TIMEOUT == 3
+    assert code == EXIT_TIMEOUT == 3, out.err
     assert out.out.splitlines()[0] == "lost-1"  # the id comes first, for scripts
-    line = _one_line_error(out.err.split("\n", 1)[1])  # after the "job …: sum over …" line
-    assert "job lost-1: no final status after 1 s" in line and "receiver results --job lost-1" in line
-    code = main(["receiver", "results", "--name", "bob", "--job", "lost-1", "--timeout", "1"])
+    first, *rest = out.err.strip().splitlines()
+    assert first.startswith("job lost-1: sum over [") and first.endswith("Z) in 60 s epochs for bob")
+    line = _one_line_error("\n".join(rest))
+    assert "job lost-1: no status for 1 s" in line
+    code = main(["--log-level", "WARNING", "receiver", "results", "--name", "bob", "--job",
+                 "lost-1", "--timeout", "1"])
     assert code == EXIT_TIMEOUT
-    assert "job lost-1: no results for bob after 1 s" in _one_line_error(capsys.readouterr().err)
+    line = _one_line_error(capsys.readouterr().err)
+    assert "job lost-1" in line and "nothing heard for 1 s" in line

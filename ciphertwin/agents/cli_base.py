@@ -35,6 +35,7 @@ from ciphertwin.errors import ValidationError
 BROKER_SECRET = "broker.secret"
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 3
+MAX_JSON_FILE_BYTES = 64 * 1024
 
 
 def home(args: argparse.Namespace) -> Path:
@@ -105,11 +106,22 @@ def iso_utc(t: float) -> str:
 
 
 def json_option(text: str, what: str) -> Any:
-    """A JSON command-line value, or a one-line :class:`ValidationError` saying where it broke."""
+    """A JSON command-line value (``@file`` reads it from a file), or a one-line
+    :class:`ValidationError` saying where it broke."""
+    if text.startswith("@"):
+        try:
+            with open(text[1:], "rb") as fh:
+                raw = fh.read(MAX_JSON_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ValidationError(f"{what}: cannot read {text[1:]!r} ({exc.strerror})") from None
+        if len(raw) > MAX_JSON_FILE_BYTES:
+            raise ValidationError(f"{what}: {text[1:]!r} is larger than {MAX_JSON_FILE_BYTES} bytes")
+        text = raw.decode("utf-8", errors="replace")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValidationError(f"{what}: not JSON ({exc.msg} at column {exc.colno})") from None
+        raise ValidationError(f"{what}: not JSON ({exc.msg} at line {exc.lineno} column "
+                              f"{exc.colno})") from None
     except RecursionError:
         raise ValidationError(f"{what}: nests too deeply") from None
 

@@ -50,7 +50,7 @@ def add_operator_key_option(p: argparse.ArgumentParser) -> None:
 
 
 async def _publish_roster(args: argparse.Namespace) -> int:
-    from ciphertwin.agents.processing import fetch_roster
+    from ciphertwin.agents.processing import ProcessingTimeout, fetch_roster
     from ciphertwin.mpc_nodes.entry_file import read_entry_file
     from ciphertwin.protocol.jobs import build_roster
 
@@ -63,7 +63,7 @@ async def _publish_roster(args: argparse.Namespace) -> int:
     async with bus_for(args, load_deployment(args.config)) as bus:
         try:  # the roster we replace: the bounds apply against it
             await fetch_roster(bus, history, timeout=args.wait)
-        except ValidationError:
+        except (ValidationError, ProcessingTimeout):
             pass  # none yet (or only refused ones): the operator's own history still applies
         version = args.version if args.version is not None else (history.version or 0) + 1
         payload = build_roster(me.signing, [n.entry for n in nodes], [n.pre for n in nodes],
@@ -98,6 +98,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--entry", action="append", required=True, type=Path,
                    help="node entry file (three times)")
     p.add_argument("--version", type=int, help="default: one above the current roster")
-    p.add_argument("--wait", type=float, default=3.0,
+    p.add_argument("--wait", type=float, default=1.5,
                    help="seconds to wait for the current roster")
     p.set_defaults(func=_publish_roster)

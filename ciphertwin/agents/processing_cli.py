@@ -14,9 +14,11 @@ printed is ISO-8601 UTC. Exit codes (:mod:`agents.cli_base`): 0 done, 1 the job 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from ciphertwin.bus.envelope import Envelope
 from ciphertwin.config.settings import load_deployment
 from ciphertwin.crypto.tokens import TOKEN_ID_BYTES
 from ciphertwin.errors import ValidationError
-from ciphertwin.protocol.job_epochs import DEFAULT_EPOCH_S, epoch_window, parse_encodings
+from ciphertwin.protocol.job_epochs import DEFAULT_EPOCH_S
 from ciphertwin.protocol.roster_trust import (
     GRANTED_SHARES_FILE, ROSTER_STATE_FILE, RosterHistory, ShareIndexBook,
 )
@@ -143,49 +145,28 @@ def _job_inputs(specs: list[str]) -> list[tuple[str, str, str]]:
     return inputs
 
 
-def _job_fields(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """--fields JSON ({field: {unit, frac, min, max}}), else the function's DEFAULT_FIELDS."""
-    from ciphertwin.protocol.jobs import DEFAULT_FIELDS
-
-    if args.fields is None:
-        if args.function not in DEFAULT_FIELDS:
-            raise ValidationError(f"no default fields for {args.function!r}: give --fields")
-        raw: Any = DEFAULT_FIELDS[args.function]
-    else:
-        raw = json_object_option(args.fields, "--fields")
-    try:
-        return {name: enc.as_dict() for name, enc in parse_encodings(raw).items()}
-    except ValidationError as exc:
-        raise ValidationError(f"--fields: {exc}") from None
+def _job_fields(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--fields JSON ({field: {unit, frac, min, max}}); None: the function's DEFAULT_FIELDS."""
+    return None if args.fields is None else json_object_option(args.fields, "--fields")
 
 
 def _job_window(args: argparse.Namespace) -> tuple[float, float]:
-    """[since, until); default the last 24 h. Checked here against --epoch-s."""
+    """[since, until); default the 24 hours up to now."""
     until = parse_time(args.until, time.time(), "--until")
-    since = parse_time(args.since, until - DEFAULT_WINDOW_S, "--since")
-    try:
-        epoch_window(since, until, args.epoch_s)
-    except ValidationError as exc:
-        raise ValidationError(f"--since/--until/--epoch-s: {exc}") from None
-    return since, until
-
-
-def _job_params(args: argparse.Namespace) -> dict[str, Any]:
-    from ciphertwin.mpc_nodes.functions import get_function
-
-    params = json_object_option(args.params, "--params")
-    try:
-        get_function(args.function).parse(params)
-    except ValidationError as exc:
-        raise ValidationError(f"--params: {exc}") from None
-    return params
+    return parse_time(args.since, until - DEFAULT_WINDOW_S, "--since"), until
 
 
 async def _job_submit(args: argparse.Namespace) -> int:
     from ciphertwin.agents.processing import follow_status, new_job_id, submit_job
+    from ciphertwin.protocol.jobs import DEFAULT_FIELDS, check_job_shape
 
-    inputs, params = _job_inputs(args.input), _job_params(args)
+    inputs, params = _job_inputs(args.input), json_object_option(args.params, "--params")
     fields, (since, until) = _job_fields(args), _job_window(args)
+    if fields is None:
+        if args.function not in DEFAULT_FIELDS:
+            raise ValidationError(f"{args.function}: no default field encodings; give --fields")
+        fields = {f: enc.as_dict() for f, enc in DEFAULT_FIELDS[args.function].items()}
+    check_job_shape(args.function, params, fields, since, until, args.epoch_s)  # fail at once
     receiver = load_public(args.receiver_key)
     job = args.job or new_job_id()
     async with bus_for(args, load_deployment(args.config)) as bus:
@@ -200,12 +181,8 @@ async def _job_submit(args: argparse.Namespace) -> int:
         progress = _Progress(job)
         try:
             final = await follow_status(bus, job, progress, timeout=args.timeout)
-        except TimeoutError:
+        finally:
             progress.close()
-            return fail(f"job {job}: no final status after {args.timeout:g} s (last seen: "
-                        f"{progress.last or 'nothing'}); it may still finish — `ciphertwin "
-                        f"receiver results --job {job}` fetches its results later", EXIT_TIMEOUT)
-    progress.close()
     print(f"job {job}: {final['state']} at {iso_utc(final['time'])}"
           + (f" — {final['reason']}" if final["reason"] else ""))
     return 0 if final["state"] == "done" else EXIT_FAILED
@@ -224,12 +201,7 @@ async def _receiver_results(args: argparse.Namespace) -> int:
     async with bus_for(args, deployment) as bus:
         async with ResultReceiver(bus, me.name, me.hpke, operator=operator,
                                   roster_state=home(args) / ROSTER_STATE_FILE) as rx:
-            try:
-                result = await rx.result(args.job, params, timeout=args.timeout)
-            except TimeoutError:
-                return fail(f"job {args.job}: no results for {me.name} after {args.timeout:g} s "
-                            "(unknown job, not finished, failed, or for another receiver)",
-                            EXIT_TIMEOUT)
+            result = await rx.result(args.job, params, timeout=args.timeout)
     if args.out:
         write_results(result, Path(args.out), args.format)
         print(f"{len(result.labels)} results of {args.job} written to {args.out}")
@@ -241,6 +213,24 @@ async def _receiver_results(args: argparse.Namespace) -> int:
 # --- wiring --------------------------------------------------------------------------------
 
 
+def _exit_codes(command: Callable[[argparse.Namespace], Awaitable[int]]
+                ) -> Callable[[argparse.Namespace], Awaitable[int]]:
+    """Waiting too long → one line and exit 3; a job that failed → one line and exit 1 (any
+    other refusal stays exit 2, printed by the top-level handler)."""
+    @functools.wraps(command)
+    async def run(args: argparse.Namespace) -> int:
+        from ciphertwin.agents.processing import JobFailedError, ProcessingTimeout
+
+        try:
+            return await command(args)
+        except ProcessingTimeout as exc:
+            return fail(str(exc), EXIT_TIMEOUT)
+        except JobFailedError as exc:
+            return fail(str(exc), EXIT_FAILED)
+    return run
+
+
+
 def register(subparsers: Any) -> None:
     """Top-level ``job`` command."""
     job = subparsers.add_parser("job", help="processing jobs (MPC over the twins' shares)")
@@ -249,9 +239,9 @@ def register(subparsers: Any) -> None:
     add_common(p)
     p.add_argument("--job", help="job id (default: random)")
     p.add_argument("--function", required=True, help="contact_tracing, sum, mean, …")
-    p.add_argument("--params", default="{}", help='JSON, e.g. {"radius": 80}')
-    p.add_argument("--fields", help="JSON {field: {unit, frac, min, max}}: the encodings the "
-                   "devices must have used (default: the function's DEFAULT_FIELDS)")
+    p.add_argument("--params", default="{}", help='JSON (or @file), e.g. {"radius": 80}')
+    p.add_argument("--fields", help="JSON (or @file) {field: {unit, frac, min, max}}: the "
+                   "encodings the devices must have used (default: the function's DEFAULT_FIELDS)")
     p.add_argument("--epoch-s", type=int, default=DEFAULT_EPOCH_S,
                    help=f"epoch length in seconds, aligned to the clock (default {DEFAULT_EPOCH_S})")
     p.add_argument("--input", action="append", required=True, help="owner:twin:role (repeat)")
@@ -263,8 +253,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--until", help="window end, exclusive (default: now)")
     p.add_argument("--wait", action="store_true",
                    help="follow the status until done (exit 0), failed (1) or --timeout (3)")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds --wait waits")
-    p.set_defaults(func=_job_submit)
+    p.add_argument("--timeout", type=float, default=600,
+                   help="give up (exit 3) after this many seconds without any word of the job")
+    p.set_defaults(func=_exit_codes(_job_submit))
 
 
 def add_owner_commands(osub: Any) -> None:
@@ -283,7 +274,7 @@ def add_owner_commands(osub: Any) -> None:
                    "token (default 20; bounds differencing across overlapping jobs)")
     p.add_argument("--job-window", type=float, help="budget window in hours (default 24; 0: "
                    "the token's whole validity)")
-    p.set_defaults(func=_grant_processing)
+    p.set_defaults(func=_exit_codes(_grant_processing))
     p = osub.add_parser("revoke-processing", help="withdraw a process token (nodes refuse it)")
     add_common(p)
     p.add_argument("--token-id", required=True, help="the id grant-processing printed (hex)")
@@ -295,10 +286,10 @@ def add_receiver_commands(rsub: Any) -> None:
                         "(also after the job finished: results are retained)")
     add_common(p)
     p.add_argument("--job", required=True)
-    p.add_argument("--params", help="the job's parameters (JSON), for decoding")
+    p.add_argument("--params", help="the job's parameters (JSON or @file), for decoding")
     add_operator_key_option(p)
     p.add_argument("--out", help="file (.json or .csv); default: print JSON")
     p.add_argument("--format", choices=["json", "csv"])
-    p.add_argument("--timeout", type=float, default=3600,
-                   help="seconds to wait for the results (exit 3 after)")
-    p.set_defaults(func=_receiver_results)
+    p.add_argument("--timeout", type=float, default=600,
+                   help="give up (exit 3) after this many seconds without any word of the job")
+    p.set_defaults(func=_exit_codes(_receiver_results))

@@ -38,7 +38,7 @@ def _node_identity(args: argparse.Namespace, index: int) -> tuple[Any, NodeIdent
 def _entry(args: argparse.Namespace) -> int:
     me, node = _node_identity(args, args.index)
     written = write_entry_file(args.out, node, me.pre.public)
-    print(f"roster entry of {me.name} (index {args.index}, signing key fingerprint "
+    print(f"roster entry of {me.name} (index {args.index}, key fingerprint "
           f"{written.fingerprint}) written to {args.out} (public, 0644)")
     return 0
 
