@@ -200,3 +200,20 @@ def test_timeouts_are_one_line_with_exit_3(deployment: Path, broker: None, tmp_p
     assert code == EXIT_TIMEOUT
     line = _one_line_error(capsys.readouterr().err)
     assert "job lost-1" in line and "nothing heard for 1 s" in line
+
+
+# --- wiring ----------------------------------------------------------------------------------
+
+
+def test_processing_commands_do_not_import_agents_cli() -> None:
+    """agents.cli → processing_cli only: the command modules share agents.cli_base instead."""
+    code = ("import sys, ciphertwin.agents.processing_cli, ciphertwin.agents.operator_cli, "
+            "ciphertwin.mpc_nodes.cli; sys.exit('ciphertwin.agents.cli' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    from ciphertwin.cli import build_parser
+
+    choices = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    owner = choices["owner"]._subparsers._group_actions[0].choices
+    receiver = choices["receiver"]._subparsers._group_actions[0].choices
+    assert {"grant-processing", "revoke-processing"} <= set(owner)
+    assert "results" in receiver and "submit" in choices["job"]._subparsers._group_actions[0].choices
