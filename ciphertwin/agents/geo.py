@@ -37,12 +37,13 @@ def _degrees(v: float) -> str:
 
 
 def check_lat_lon(lat: object, lon: object) -> tuple[float, float]:
-    """(lat, lon) as floats, or a ValidationError saying which one is wrong."""
+    """(lat, lon) as floats, or a ValidationError saying which one is wrong (never its value:
+    a position is plaintext, and devices log their refusals)."""
     for name, v, limit in (("latitude", lat, 90.0), ("longitude", lon, 180.0)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValidationError(f"{name} must be a finite number of degrees, got {v!r}")
+            raise ValidationError(f"{name} must be a finite number of degrees")
         if not -limit <= v <= limit:
-            raise ValidationError(f"{name} {v} is outside [-{limit:g}, {limit:g}] degrees")
+            raise ValidationError(f"{name} is outside [-{limit:g}, {limit:g}] degrees")
     return float(lat), float(lon)  # type: ignore[arg-type]
 
 
@@ -88,7 +89,7 @@ class GeoFrame:
         la, lo = check_lat_lon(lat, lon)
         x, y = _transformer(self.lat0, self.lon0).transform(lo, la)
         if not (math.isfinite(x) and math.isfinite(y)):
-            raise ValidationError(f"({la}, {lo}) cannot be projected around {self.unit}")
+            raise ValidationError(f"a position cannot be projected around {self.unit}")
         return x, y
 
     def project_reading(self, reading: Mapping[str, Any]) -> dict[str, Any]:

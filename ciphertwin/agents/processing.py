@@ -96,8 +96,8 @@ async def fetch_roster(bus: BusClient, rosters: RosterHistory,
     try:
         return await asyncio.wait_for(got, timeout)
     except TimeoutError:
-        raise ProcessingTimeout(f"no valid node roster on config/nodes within {timeout:.0f} s"
-                                ) from None
+        raise ValidationError(f"no valid node roster on config/nodes within {timeout:.0f} s"
+                              ) from None
     finally:
         await bus.unsubscribe(topic)
 
@@ -241,7 +241,7 @@ async def follow_status(bus: BusClient, job: str, on_update: Callable[[Envelope]
                 waiter.cancel()
             if not final.done() and not heard.is_set():
                 raise ProcessingTimeout(
-                    f"job {job}: no status for {timeout:.0f} s"
+                    f"job {job}: no status for {timeout:g} s"
                     + (f" (last: {last[0]})" if last else " (is the cloud running, the job id right?)"))
         return final.result()
     finally:
@@ -379,7 +379,7 @@ class ResultReceiver:
                 said = f"; last status: {status['state']}" if status is not None else \
                     " and no status: is the job id right?"
                 raise ProcessingTimeout(f"job {job}: no result share from node(s) {missing} and "
-                                        f"nothing heard for {timeout:.0f} s{said}")
+                                        f"nothing heard for {timeout:g} s{said}")
             try:
                 await asyncio.wait_for(c.changed.wait(), wait)
             except TimeoutError:

@@ -164,18 +164,18 @@ def load_share_mode(path: str | Path) -> ShareMode:
         raise ValidationError(f"share-mode file {p}: unknown section(s) {sorted(unknown)}; "
                               "known: fields, geo")
     try:
-        encodings = parse_encodings(raw.get("fields"))
-    except ValidationError as exc:
-        raise ValidationError(f"share-mode file {p}: [fields]: {exc}") from None
-    geo = None
-    if "geo" in raw:
-        from ciphertwin.agents.geo import GeoFrame
+        geo = None
+        if "geo" in raw:
+            from ciphertwin.agents.geo import GeoFrame
 
-        section = raw["geo"]
-        if not isinstance(section, dict) or set(section) != {"origin"}:
-            raise ValidationError(f"share-mode file {p}: [geo] takes exactly origin = [lat, lon]")
-        geo = GeoFrame.from_origin(section["origin"])
-    try:
+            section = raw["geo"]
+            if not isinstance(section, dict) or set(section) != {"origin"}:
+                raise ValidationError("[geo] takes exactly origin = [lat, lon]")
+            geo = GeoFrame.from_origin(section["origin"])
+        try:
+            encodings = parse_encodings(raw.get("fields"))
+        except ValidationError as exc:
+            raise ValidationError(f"[fields]: {exc}") from None
         return ShareMode(encodings, geo)
     except ValidationError as exc:
         raise ValidationError(f"share-mode file {p}: {exc}") from None

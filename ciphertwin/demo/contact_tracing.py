@@ -3,10 +3,14 @@
 One process hosts everything as asyncio tasks — broker (embedded, unless an external one is
 given), cloud (:class:`CloudTwin`, re-encrypting on its process pool), three processing nodes
 (opening inputs on a shared process pool), a receiver, and N simulated phones, each with its
-owner: the owner grants processing (2+), the phone splits every location point into three
-shares and uploads them sealed under its key epochs (3+), the receiver submits a job and
-opens the result (6+). Every message crosses the broker; nodes talk only over encrypted MQTT
-frames. Network delay: ``rtt_ms`` makes the MPC transport hold every node-to-node frame for
+owner: the owner grants processing (2+), the phone encodes every reading as declared
+(x, y: 1/16 m within ±50 km, in plain metres or projected from lat/lon around an origin),
+splits it into three shares and uploads them at the reading's own time, sealed under its key
+epochs (3+); the receiver submits a job over a time window and opens the result (6+), which
+is checked against the plaintext reference from the definition (:mod:`demo.plaintext`).
+Readings are placed in clock-aligned epochs by their time, so gaps, duplicates, unsorted
+uploads and users without readings are counted right; user ids come back as given.
+Every message crosses the broker; nodes talk only over encrypted MQTT frames. Network delay: ``rtt_ms`` makes the MPC transport hold every node-to-node frame for
 rtt/2 (the bus-layer delay of ``ciphertwin.mpc_nodes.transport``); no ``tc netem`` is used.
 """
 
@@ -58,7 +62,7 @@ from ciphertwin.protocol import share_open
 from ciphertwin.protocol.control import build_control, control_request_id
 from ciphertwin.protocol.items import DeviceCredentials, build_item
 from ciphertwin.protocol.job_epochs import DEFAULT_EPOCH_S, FieldEncoding
-from ciphertwin.protocol.jobs import build_roster
+from ciphertwin.protocol.jobs import DEFAULT_FIELDS, build_roster
 from ciphertwin.protocol.roster_trust import ShareIndexBook
 from ciphertwin.workers import worker_pool
 
@@ -68,7 +72,6 @@ __all__ = ["Paths", "random_paths", "load_paths", "plaintext_reference", "prepar
 
 log = structlog.get_logger(__name__)
 
-COORD_FRAC, COORD_RANGE_M = 4, 50_000.0  # 1/16 m over ±50 km: the CLI default of x, y
 PAPER = {"sync_ms_per_user": 7672.0, "processing_ms_per_user": 7564.0,
          "processing_constant_ms": 12400.0, "mpc_ms_per_user": 6530.0}
 WRITE_ATTRS = ["share:*", "type:*", "twin:*", "year:*", "month:*", "day:*", "hour:*"]
@@ -79,8 +82,9 @@ MAX_ROWS_SHOWN = 20
 
 
 def coordinate_encoding(unit: str = "m") -> FieldEncoding:
-    """The declared encoding of x and y: 1/16 m over ±50 km in the paths' frame (``unit``)."""
-    return FieldEncoding(unit, COORD_FRAC, -COORD_RANGE_M, COORD_RANGE_M)
+    """The declared encoding of x and y: the CLI default (1/16 m within ±50 km,
+    ``DEFAULT_FIELDS``) in the paths' frame (``unit``)."""
+    return dataclasses.replace(DEFAULT_FIELDS["contact_tracing"]["x"], unit=unit)
 
 
 def _params(radius: float, encoding: FieldEncoding | None = None) -> dict[str, int]:
@@ -152,6 +156,8 @@ class Phone:
     """which node keys this owner gave which share (never a second index to one node)"""
     mode: ShareMode | None = None
     """the phone's share mode (declared encodings, geo frame), set by :func:`prepare`"""
+    seq: int = 0
+    """the last sequence number used (a phone may upload again later)"""
 
 
 @dataclass
@@ -268,6 +274,18 @@ async def _add_owner(world: World, user: str, policy: KeyEpochPolicy, bus: BusCl
                                DataKeyManager(pre.public, policy, max_open_epochs=256))
 
 
+ANNOUNCE_BEFORE_S = 60
+"""A user without readings still has a twin: the cloud learns which owner a twin belongs to
+from its first stored item, and refuses a job naming a twin it has never seen. So the phone of
+a user without readings uploads one reading this long *before* the job window — it is not
+part of the job (nor of the plaintext reference); the user's count stays 0."""
+
+
+def _announcement(paths: Paths, t: float) -> dict[str, Any]:
+    origin = (paths.geo.lat0, paths.geo.lon0) if paths.geo is not None else (0.0, 0.0)
+    return location_readings(paths, [(t, *origin)])[0]
+
+
 def location_readings(paths: Paths, path: Sequence[Reading]) -> list[dict[str, Any]]:
     """A path as the readings a phone's sensor gives: lat/lon (projected by the phone's share
     mode) or x/y metres, at their own times, in the order given."""
@@ -283,13 +301,13 @@ def phone_items(phone: Phone, readings: Sequence[Mapping[str, Any]], mode: Share
 
     ``record`` (tests) receives every share reading, to prove none reaches the cloud.
     """
-    out, seq = [], 0
-    for reading in readings:
-        for share_reading, attrs in mode(reading, (f"twin:{phone.user}",)):
-            seq += 1
-            if record is not None:
-                record.append(share_reading)
-            out.append(build_item(phone.creds, phone.keys, seq, share_reading, attrs))
+    shares = [s for reading in readings for s in mode(reading, (f"twin:{phone.user}",))]
+    out = []
+    for share_reading, attrs in shares:  # nothing is sealed unless every reading encoded
+        phone.seq += 1
+        if record is not None:
+            record.append(share_reading)
+        out.append(build_item(phone.creds, phone.keys, phone.seq, share_reading, attrs))
     return out
 
 
@@ -311,7 +329,7 @@ async def sync_phones(world: World, readings: Mapping[str, Sequence[Mapping[str,
     silence, and a refusal by the cloud is an error (the demo's inputs would be incomplete).
     """
     acked: dict[str, set[int]] = {u: set() for u in readings}
-    unacked: dict[str, list[bytes]] = {}  # phones with items in flight -> all their items
+    unacked: dict[str, dict[int, bytes]] = {}  # phones with items in flight -> {seq: item}
     refused: list[str] = []
     progress = asyncio.Event()
 
@@ -328,9 +346,9 @@ async def sync_phones(world: World, readings: Mapping[str, Sequence[Mapping[str,
         progress.set()
 
     def in_flight() -> int:
-        for user in [u for u, items in unacked.items() if len(acked[u]) >= len(items)]:
+        for user in [u for u, items in unacked.items() if items.keys() <= acked[u]]:
             del unacked[user]
-        return sum(len(items) - len(acked[u]) for u, items in unacked.items())
+        return sum(len(items.keys() - acked[u]) for u, items in unacked.items())
 
     async def publish(user: str, items: Sequence[bytes]) -> None:
         topic = bus.topics.twin_data(user)
@@ -350,7 +368,7 @@ async def sync_phones(world: World, readings: Mapping[str, Sequence[Mapping[str,
                                        f"{stalls * RESEND_AFTER_S:.0f} s") from None
                 log.warning("demo.sync_resend", phones=len(unacked), items=in_flight())
                 for user, items in list(unacked.items()):
-                    await publish(user, [it for seq, it in enumerate(items, 1)
+                    await publish(user, [it for seq, it in items.items()
                                          if seq not in acked[user]])
 
     await bus.subscribe(bus.topics.filter("ack"), on_ack)
@@ -363,10 +381,11 @@ async def sync_phones(world: World, readings: Mapping[str, Sequence[Mapping[str,
         if phone.mode is None:
             raise ValidationError(f"phone {user} has no share mode")
         b0 = time.perf_counter()
+        first = phone.seq + 1
         items = phone_items(phone, its, phone.mode, record)
         build_s += time.perf_counter() - b0
         await wait_for_room(max(0, SYNC_WINDOW - len(items)))
-        unacked[user] = items
+        unacked[user] = dict(enumerate(items, first))
         await publish(user, items)
     await wait_for_room(0)
     wall = time.perf_counter() - t_start
@@ -480,11 +499,14 @@ async def prepare(w: World, paths: Paths, key_epochs: int, owners_bus: BusClient
     """
     since, until = job_window(paths)
     policy = epoch_policy(math.ceil((until - since) / POINT_INTERVAL_S), key_epochs)
-    w.twins = twin_ids(list(paths.users))
+    w.twins.update(twin_ids(list(paths.users)))
     mode = ShareMode({"x": coordinate_encoding(paths.unit), "y": coordinate_encoding(paths.unit)},
                      paths.geo)
     readings = {w.twins[u]: location_readings(paths, p) for u, p in paths.users.items()}
     readings[REF_TWIN] = location_readings(paths, paths.reference)
+    for twin, its in readings.items():
+        if not its:  # the cloud knows a twin from its first upload (see ANNOUNCE_BEFORE_S)
+            its.append(_announcement(paths, since - ANNOUNCE_BEFORE_S))
     # one standing subscription for every owner's control replies (no per-request subscribe)
     await owners_bus.subscribe(owners_bus.topics.filter("replies"), None)
     await add_owners(w, list(readings), policy, owners_bus, since)
@@ -512,20 +534,35 @@ async def process(w: World, paths: Paths, radius: float, t0: float, bus: BusClie
     """6+: submit over the window [t0, end of the last reading's epoch), follow the status;
     returns (final status, result keyed by the users' own ids, or None)."""
     enc = coordinate_encoding(paths.unit)
-    params = _params(radius, enc)
-    job = job or new_job_id("ct")
-    until = job_window(paths, epoch_s)[1]
+    status, result = await run_job(
+        w, bus, "contact_tracing", _params(radius, enc), job_inputs(w, paths), paths.points,
+        t0, job_window(paths, epoch_s)[1], epoch_s=epoch_s, fields=_fields(enc),
+        job=job or new_job_id("ct"), receiver=receiver, receiver_key=receiver_key,
+        timeout=timeout)
+    if result is None:
+        return status, None
+    user_of = {twin: user for user, twin in w.twins.items()}
+    return status, dataclasses.replace(result, labels=[user_of.get(t, t) for t in result.labels])
+
+
+async def run_job(w: World, bus: BusClient, function: str, params: Mapping[str, Any],
+                  inputs: Sequence[tuple[str, str, str]], points: int, since: float,
+                  until: float, *, fields: Mapping[str, Mapping[str, Any]],
+                  epoch_s: int = DEFAULT_EPOCH_S, job: str | None = None,
+                  receiver: str = "health", receiver_key: bytes | None = None,
+                  timeout: float = 3600) -> tuple[Any, JobResult | None]:
+    """Any registered function (6+): submit, follow the status, collect the receiver's
+    result; returns (final status, result keyed by twin id, or None if the job failed)."""
+    job = job or new_job_id(function.replace("_", "-")[:8])
     waiter = asyncio.create_task(w.receiver.result(job, params, timeout=timeout))
-    await submit_job(bus, job, "contact_tracing", params, job_inputs(w, paths), receiver,
-                     receiver_key or w.receiver_key.public_bytes, paths.points, t0, until,
-                     epoch_s=epoch_s, fields=_fields(enc))
+    await submit_job(bus, job, function, params, inputs, receiver,
+                     receiver_key or w.receiver_key.public_bytes, points, since, until,
+                     epoch_s=epoch_s, fields=fields)
     status = await follow_status(bus, job, timeout=timeout)
     if status["state"] != "done":
         waiter.cancel()
         return status, None
-    result = await waiter
-    user_of = {twin: user for user, twin in w.twins.items()}
-    return status, dataclasses.replace(result, labels=[user_of.get(t, t) for t in result.labels])
+    return status, await waiter
 
 
 async def run_demo(*, users: int = 10, points: int = 50, key_epochs: int = 50,

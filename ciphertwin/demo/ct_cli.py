@@ -59,11 +59,8 @@ async def _run(args: argparse.Namespace) -> int:
         raise SystemExit("--users 1..100000, --points 1..1440")
     if args.origin is not None and args.paths is None:
         raise SystemExit("--origin goes with --paths/--reference")
-    try:
-        origin = _origin(args.origin) if args.origin else None
-        paths = load_paths(args.paths, args.reference, origin=origin) if args.paths else None
-    except ValidationError as exc:
-        raise SystemExit(f"ciphertwin: {exc}") from None
+    origin = _origin(args.origin) if args.origin else None  # errors: one line, exit 2
+    paths = load_paths(args.paths, args.reference, origin=origin) if args.paths else None
     report = await run_demo(users=args.users, points=args.points, key_epochs=args.key_epochs,
                             radius=args.radius, rtt_ms=args.rtt_ms, broker=broker,
                             paths=paths, repeat=args.repeat, replay=args.replay)

@@ -443,10 +443,6 @@ class ProcessingNode:
                                 env["until"], env["epoch_s"])
         if env["bindings"] != shape.bindings:
             raise JobRefused(f"spec binds other inputs than {env['function']} reads")
-        roles = {t["role"] for t in env["twins"]}
-        for name, b in env["bindings"].items():
-            if b["role"] not in roles:
-                raise JobRefused(f"input {name}: no twins with role {b['role']!r}")
         owners = {t["owner_key"] for t in env["twins"]}
         # parse every token once and index it by issuer: linear in the number of owners
         by_issuer: dict[bytes, list[ProcessToken]] = {}
@@ -463,6 +459,10 @@ class ProcessingNode:
             used.append(self._token_for(env, roster, owner, by_issuer.get(owner, []),
                                         shape.function.function_class))
             selectors[owner] = used[-1].selector
+        roles = {t["role"] for t in env["twins"]}
+        for name, b in env["bindings"].items():
+            if b["role"] not in roles:
+                raise JobRefused(f"input {name}: no twins with role {b['role']!r}")
         # accepted: a job id runs once per node, ever; spend one job of every token's budget
         if not self.ledger.begin(job):
             raise JobRefused("this node already ran this job id (a replayed job)")
@@ -548,7 +548,10 @@ class ProcessingNode:
                                 f"chunks, none for {self.input_timeout_s:.0f} s") from None
                 if items:
                     opening.append(asyncio.create_task(self._open(checked, items, opened)))
-            return OpenedColumns.concat(await asyncio.gather(*opening), fields)
+            parts = await asyncio.gather(*opening)
+            reporter.cancel()
+            await self._status(job, "opening", progress=1.0)
+            return OpenedColumns.concat(parts, fields)
         finally:
             reporter.cancel()
             for task in opening:
@@ -603,7 +606,7 @@ class ProcessingNode:
             watcher = spawn(f"node:{job}:progress",
                             functools.partial(self._watch_rounds, job, party, rounds))
             try:
-                shared = await load_inputs(party, env["function"], params, inputs)
+                shared = await load_inputs(party, env["function"], params, inputs, layout)
                 share = await run_function(party, env["function"], params, shared, layout)
             finally:
                 watcher.cancel()

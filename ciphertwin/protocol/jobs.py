@@ -280,6 +280,8 @@ def check_job_shape(function: str, params: Mapping[str, Any], fields: Mapping[st
     first, count = epoch_window(since, until, epoch_s)
     encodings = parse_encodings(fields)
     bindings = default_bindings(function, encodings)
+    if {n: b["role"] for n, b in bindings.items()} != dict(fn.inputs):
+        raise ValidationError(f"{function}: the default bindings do not match its inputs")
     fn.check_encodings(parsed, {name: encodings[b["field"]] for name, b in bindings.items()})
     return JobShape(fn, parsed, encodings, bindings, first, count)
 

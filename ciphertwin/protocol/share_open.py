@@ -115,7 +115,7 @@ class _Opener:
         self.pre, self.pre_id, self.index = pre, pre.key_id, index
         self.owner_of, self.fields = owner_of, tuple(encodings)
         self.encodings = {f: FieldEncoding.from_dict(e) for f, e in encodings.items()}
-        self._enc_seen: dict[tuple[str, tuple[tuple[str, str, object], ...]], bool] = {}
+        self._enc_seen: dict[tuple[str, tuple[Any, ...], tuple[type, ...]], bool] = {}
         self.policies = {owner: Policy.parse(text) for owner, text in selectors.items()}
         self.share_attr = f"share:{index}"
         self._tokens: dict[tuple[bytes, bytes], tuple[bytes, WriteToken]] = {}
@@ -208,28 +208,23 @@ class _Opener:
                                   "format is no longer accepted)")
         for f in self.fields:
             raw = enc.get(f)
-            key = (f, _hashable(raw))
-            ok = self._enc_seen.get(key)
+            try:  # the types too: True == 1 and 1 == 1.0 must not share an entry
+                key = (f, tuple(raw.items()), tuple(map(type, raw.values())))
+                ok = self._enc_seen.get(key)
+            except (AttributeError, TypeError):  # not a map, or unhashable values
+                key, ok = None, None
             if ok is None:
                 try:
                     ok = FieldEncoding.from_dict(raw) == self.encodings[f]
                 except ValidationError:
                     ok = False
-                if len(self._enc_seen) < 1024:
+                if key is not None and len(self._enc_seen) < 1024:
                     self._enc_seen[key] = ok
             if not ok:
                 want = self.encodings[f]
                 raise ValidationError(
                     f"field {f!r} is encoded as {_describe(raw)}, the job declares "
                     f"{want.unit!r} frac {want.frac} in [{want.min:g}, {want.max:g}]")
-
-
-def _hashable(raw: object) -> tuple[tuple[str, str, object], ...]:
-    """A cache key telling apart what == would not (True vs 1, 0 vs 0.0 stays apart too)."""
-    if not isinstance(raw, dict):
-        return (("", type(raw).__name__, repr(raw)[:64]),)
-    return tuple(sorted((str(k), type(v).__name__, v if isinstance(v, (str, int, float)) else repr(v))
-                        for k, v in raw.items()))
 
 
 def _describe(raw: object) -> str:
