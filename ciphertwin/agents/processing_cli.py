@@ -201,7 +201,14 @@ async def _receiver_results(args: argparse.Namespace) -> int:
     async with bus_for(args, deployment) as bus:
         async with ResultReceiver(bus, me.name, me.hpke, operator=operator,
                                   roster_state=home(args) / ROSTER_STATE_FILE) as rx:
-            result = await rx.result(args.job, params, timeout=args.timeout)
+            try:
+                result = await rx.result(args.job, params, timeout=args.timeout)
+            except AttributeError:  # a decoder that needs the parameters got None
+                if params is not None:
+                    raise
+                raise ValidationError(f"job {args.job}: its function needs the job's parameters "
+                                      "to decode the result: give --params as submitted, e.g. "
+                                      "'{\"frac_bits\": 16}'") from None
     if args.out:
         write_results(result, Path(args.out), args.format)
         print(f"{len(result.labels)} results of {args.job} written to {args.out}")
