@@ -7,8 +7,9 @@ Wiring: ``register(subparsers)`` adds the top-level ``job``; ``agents.cli`` (whi
 ``agents.cli``.
 
 Times: ``--since`` / ``--until`` take ISO-8601 (no zone: UTC) or Unix seconds; everything
-printed is ISO-8601 UTC. Exit codes (:mod:`agents.cli_base`): 0 done, 1 the job failed,
-2 bad input or a refusal, 3 timed out waiting — always with a one-line ``ciphertwin: error``.
+printed is ISO-8601 UTC. Exit codes (:mod:`agents.cli_base`) of every command here: 0 done,
+1 the job failed, 2 bad input or a refusal, 3 timed out waiting — always with a one-line
+``ciphertwin: error``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ciphertwin.agents.cli_base import (
 from ciphertwin.agents.identity import load_public
 from ciphertwin.agents.operator_cli import add_operator_key_option, pinned_operator
 from ciphertwin.bus.envelope import Envelope
+from ciphertwin.bus.errors import RequestTimeout
 from ciphertwin.config.settings import load_deployment
 from ciphertwin.crypto.tokens import TOKEN_ID_BYTES
 from ciphertwin.errors import ValidationError
@@ -222,15 +224,16 @@ async def _receiver_results(args: argparse.Namespace) -> int:
 
 def _exit_codes(command: Callable[[argparse.Namespace], Awaitable[int]]
                 ) -> Callable[[argparse.Namespace], Awaitable[int]]:
-    """Waiting too long → one line and exit 3; a job that failed → one line and exit 1 (any
-    other refusal stays exit 2, printed by the top-level handler)."""
+    """Waiting too long (for a status, a share, the roster, the cloud's reply) → one line and
+    exit 3; a job that failed → one line and exit 1 (any other refusal stays exit 2, printed
+    by the top-level handler)."""
     @functools.wraps(command)
     async def run(args: argparse.Namespace) -> int:
         from ciphertwin.agents.processing import JobFailedError, ProcessingTimeout
 
         try:
             return await command(args)
-        except ProcessingTimeout as exc:
+        except (ProcessingTimeout, RequestTimeout) as exc:
             return fail(str(exc), EXIT_TIMEOUT)
         except JobFailedError as exc:
             return fail(str(exc), EXIT_FAILED)
@@ -285,7 +288,7 @@ def add_owner_commands(osub: Any) -> None:
     p = osub.add_parser("revoke-processing", help="withdraw a process token (nodes refuse it)")
     add_common(p)
     p.add_argument("--token-id", required=True, help="the id grant-processing printed (hex)")
-    p.set_defaults(func=_revoke_processing)
+    p.set_defaults(func=_exit_codes(_revoke_processing))
 
 
 def add_receiver_commands(rsub: Any) -> None:
