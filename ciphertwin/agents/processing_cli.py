@@ -185,9 +185,11 @@ async def _job_submit(args: argparse.Namespace) -> int:
             final = await follow_status(bus, job, progress, timeout=args.timeout)
         finally:
             progress.close()
-    print(f"job {job}: {final['state']} at {iso_utc(final['time'])}"
-          + (f" — {final['reason']}" if final["reason"] else ""))
-    return 0 if final["state"] == "done" else EXIT_FAILED
+    if final["state"] != "done":
+        return fail(f"job {job} {final['state']} at {iso_utc(final['time'])}: "
+                    f"{final['reason'] or 'no reason given'}", EXIT_FAILED)
+    print(f"job {job}: done at {iso_utc(final['time'])}")
+    return 0
 
 
 # --- receiver results ----------------------------------------------------------------------
