@@ -62,7 +62,7 @@ def test_processing_script_runs_every_party_as_a_process(tmp_path: Path) -> None
     out = run.stdout
 
     # the receiver asked for the result only after the job had finished
-    job, results = out.split("== 4. job")[1].split("== 5. results")
+    job, results = out.split("== 4. job")[1].split("== 6.")[0].split("== 5. results")
     assert "job trace-1: done at 20" in job and job.rstrip().endswith("Z")
     assert "2 results of trace-1 written to" in results
     got = json.loads((tmp_path / "results.json").read_text())
@@ -81,3 +81,10 @@ def test_processing_script_runs_every_party_as_a_process(tmp_path: Path) -> None
         assert stat.S_IMODE((tmp_path / f"node{i}.entry").stat().st_mode) == 0o644
         assert (tmp_path / "home" / f"node{i}" / "secret.key").stat().st_mode & 0o077 == 0
     assert "roster v1 published: node0, node1, node2" in out
+
+    # a job the permits do not cover fails with its reason on one line, exit code 1
+    refused = out.split("== 6. a job the permits do not cover")[1]
+    errors = [line for line in refused.splitlines() if line.startswith("ciphertwin: error:")]
+    assert len(errors) == 1 and "job sum-1 failed at 20" in errors[0], refused
+    assert "function-class-not-allowed" in errors[0]
+    assert refused.rstrip().endswith("exit code 1")
