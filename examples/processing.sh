@@ -51,34 +51,27 @@ done
 ciphertwin receiver init --name bob                      # submits the job, reads the result
 
 echo "== 3. owners, phones in share mode, permits"
-# Every phone declares how it encodes its fields (nodes refuse readings encoded otherwise):
-# WGS84 lat/lon projected on the phone to metres around an origin, 1/16 m, within ±50 km.
-origin="48.2082,16.3738"
-field='{"unit": "m@aeqd:'$origin'", "frac": 4, "min": -50000.0, "max": 50000.0}'
-echo '{"x": '"$field"', "y": '"$field"'}' > "$WORKDIR/fields.json"   # the job declares the same
-python3 - "$WORKDIR/fields.json" "$origin" > "$WORKDIR/share-mode.toml" <<'EOF'
-import json, sys
-print(f"[geo]\norigin = [{sys.argv[2]}]")
-for name, enc in json.load(open(sys.argv[1])).items():
-    print(f"[fields.{name}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in enc.items()))
-EOF
+# Every phone declares how it encodes its fields (the job must declare the same, or the nodes
+# refuse the readings): WGS84 lat/lon projected on the phone to metres around an origin,
+# in 1/16 m, within ±50 km — config/share-mode.example.toml.
+modes=$here/config/share-mode.example.toml
 # Readings carry their own time: 10 epochs of 10 s aligned to the clock, from a minute ago.
 # dave (the reference) walks north from the origin, 11 m per epoch; alice is < 1 m east of
 # him in epochs 2, 4, 5 and 6, has no reading in epoch 3 (no fix) and uploads newest first;
 # carol stays 300 m west but for a second reading 1.5 m away in epoch 8 (counts once).
 t0=$(( $(date +%s) / 10 * 10 - 60 ))
-path() { awk -v t0="$t0" -v who="$1" 'BEGIN {
-    for (k = 9; k >= 0; k--) {
-        lat = 48.2082 + k * 0.0001; lon = 16.3738
-        if (who == "alice") { if (k == 3) continue; lon += (k >= 2 && k <= 6) ? 0.00001 : 0.005 }
-        if (who == "carol") {
-            if (k == 8) printf "{\"type\": \"location\", \"time\": %d, \"values\": {\"lat\": %.7f, \"lon\": %.7f}}\n", t0 + 10 * k + 7, lat, lon + 0.00002
-            lon -= 0.004
-        }
-        printf "{\"type\": \"location\", \"time\": %d, \"values\": {\"lat\": %.7f, \"lon\": %.7f}}\n", t0 + 10 * k + 1, lat, lon
-    } }'; }
+lat0=482082000 lon0=163738000                           # the origin in 1e-7 degrees
+deg() { printf '%d.%07d' $(($1 / 10000000)) $(($1 % 10000000)); }
+reading() {                                              # epoch k, second s, east/north offsets
+    printf '{"type": "location", "time": %d, "values": {"lat": %s, "lon": %s}}\n' \
+        $((t0 + 10 * $1 + $2)) "$(deg $((lat0 + 1000 * $1)))" "$(deg $((lon0 + $3)))"
+}
+for k in 0 1 2 3 4 5 6 7 8 9; do reading $k 1 0; done > "$WORKDIR/dave.jsonl"
+for k in 9 8 7 6 5 4 2 1 0; do
+    reading $k 3 $( [ $k -ge 2 ] && [ $k -le 6 ] && echo 100 || echo 50000 )
+done > "$WORKDIR/alice.jsonl"
+{ for k in 0 1 2 3 4 5 6 7 8 9; do reading $k 5 -40000; done; reading 8 7 200; } > "$WORKDIR/carol.jsonl"
 owner_setup() {                                          # on owner $1's phone and laptop
-    path $1 > "$WORKDIR/$1.jsonl"
     ciphertwin owner init --name $1
     ciphertwin $q owner register --name $1
     ciphertwin $q owner enroll-device --name $1 --twin $1-path --device $1-phone \
@@ -90,7 +83,7 @@ owner_setup() {                                          # on owner $1's phone a
 }
 each owner_setup alice carol dave
 for owner in alice carol dave; do                        # 3+: the phones upload shares
-    ciphertwin $q device run --name $owner-phone --shares --share-config "$WORKDIR/share-mode.toml" \
+    ciphertwin $q device run --name $owner-phone --shares --share-config "$modes" \
         --source '{"kind": "stdin"}' < "$WORKDIR/$owner.jsonl" & pids+=($!)
 done
 stored() {                                               # until the cloud holds every share
@@ -105,7 +98,7 @@ each stored alice carol dave
 
 echo "== 4. job"                                        # radius 80 = 5 m in 1/16 m
 ciphertwin $q job submit --name bob --job trace-1 --function contact_tracing \
-    --params '{"radius": 80}' --fields "@$WORKDIR/fields.json" \
+    --params '{"radius": 80}' --fields "@$modes" \
     --epoch-s 10 --since "$t0" --until $((t0 + 100)) --points 11 \
     --input alice:alice-path:user --input carol:carol-path:user --input dave:dave-path:reference \
     --receiver-key "$WORKDIR/home/bob/public.key" --wait --timeout 60

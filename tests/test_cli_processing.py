@@ -27,6 +27,8 @@ from ciphertwin.mpc_nodes.entry_file import ENTRY_FILE_TAG, read_entry_file, wri
 from ciphertwin.mpc_nodes.roster import NodeIdentity
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture
 def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -157,6 +159,14 @@ SUBMIT = ["job", "submit", "--name", "bob", "--function", "contact_tracing", "--
     (["--since", "2026-11-22T08:00Z", "--until", "2026-11-22T07:00Z"], "until > since"),
     (["--since", "0", "--until", "1795334400"], "at most"),  # 30 M one-minute epochs
     (["--epoch-s", "0"], "epoch length"),
+    (["--fields", "@no-such.json"], "--fields: cannot read 'no-such.json'"),
+    (["--fields", "@no-such.toml"], "share-mode file no-such.toml does not exist"),
+    # the devices' share-mode file is read (WGS84 frame), so the window is what fails here
+    (["--fields", f"@{ROOT / 'config' / 'share-mode.example.toml'}", "--until", "x"],
+     "--until: not an ISO-8601 time"),
+    (["--function", "sum", "--params", '{"frac_bits": 4}',
+      "--fields", f"@{ROOT / 'config' / 'share-mode.example.toml'}"],
+     "sum reads exactly one field; 2 declared (x, y)"),
     (["--input", "a:t"], "--input wants owner:twin:role"),
 ])
 def test_job_submit_bad_options_are_one_line_errors(

@@ -148,8 +148,16 @@ def _job_inputs(specs: list[str]) -> list[tuple[str, str, str]]:
 
 
 def _job_fields(args: argparse.Namespace) -> dict[str, Any] | None:
-    """--fields JSON ({field: {unit, frac, min, max}}); None: the function's DEFAULT_FIELDS."""
-    return None if args.fields is None else json_object_option(args.fields, "--fields")
+    """--fields: JSON ``{field: {unit, frac, min, max}}``, ``@file.json``, or ``@file.toml`` — a
+    device share-mode file, whose ``[fields]`` the job then declares exactly; None: the
+    function's DEFAULT_FIELDS."""
+    if args.fields is None:
+        return None
+    if args.fields.startswith("@") and args.fields.lower().endswith(".toml"):
+        from ciphertwin.agents.share_mode import load_share_mode
+
+        return {f: enc.as_dict() for f, enc in load_share_mode(args.fields[1:]).encodings.items()}
+    return json_object_option(args.fields, "--fields")
 
 
 def _job_window(args: argparse.Namespace) -> tuple[float, float]:
@@ -252,8 +260,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--job", help="job id (default: random)")
     p.add_argument("--function", required=True, help="contact_tracing, sum, mean, …")
     p.add_argument("--params", default="{}", help='JSON (or @file), e.g. {"radius": 80}')
-    p.add_argument("--fields", help="JSON (or @file) {field: {unit, frac, min, max}}: the "
-                   "encodings the devices must have used (default: the function's DEFAULT_FIELDS)")
+    p.add_argument("--fields", help="JSON {field: {unit, frac, min, max}}, @file.json, or "
+                   "@share-mode.toml (the devices' file): the encodings the devices must have "
+                   "used (default: the function's DEFAULT_FIELDS)")
     p.add_argument("--epoch-s", type=int, default=DEFAULT_EPOCH_S,
                    help=f"epoch length in seconds, aligned to the clock (default {DEFAULT_EPOCH_S})")
     p.add_argument("--input", action="append", required=True, help="owner:twin:role (repeat)")
