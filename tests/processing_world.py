@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ciphertwin.agents.attribute_rules import time_attributes
-from ciphertwin.agents.processing import (
-    ResultReceiver, follow_status, grant_processing, new_job_id, submit_job,
-)
+from ciphertwin.agents.processing import follow_status, grant_processing, new_job_id, submit_job
 from ciphertwin.bus.client import BusClient
 from ciphertwin.bus.envelope import decode, encode
 from ciphertwin.crypto.epochs import KeyEpochPolicy

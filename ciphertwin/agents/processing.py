@@ -60,7 +60,8 @@ log = structlog.get_logger(__name__)
 
 
 FAILED_GRACE_S = 2.0
-"""after the cloud says a job failed, how long shares already on their way may still come"""
+"""after the cloud says a job failed: how long the job must be quiet (no node report, no
+share) before the receiver believes it"""
 
 
 class ControlRefused(CipherTwinError):
@@ -366,15 +367,17 @@ class ResultReceiver:
         return self._open(job, envs, params)
 
     async def _gather(self, job: str, c: _Collecting, timeout: float) -> list[Envelope]:
-        failed_at: float | None = None
+        """Wait for the three shares. The cloud's ``failed`` is unsigned (anyone allowed to
+        publish statuses could forge it), so it ends the wait only once the job has also gone
+        quiet for FAILED_GRACE_S: a job whose nodes still report (or deliver) goes on."""
         while len(c.shares) < 3:
             status = self._statuses.get(job)
-            if status is not None and status["state"] == "failed":
-                failed_at = failed_at or time.monotonic()
-                if time.monotonic() - failed_at >= FAILED_GRACE_S:
-                    raise JobFailedError(f"job {job} failed: {status['reason'] or 'no reason given'}")
+            quiet = time.monotonic() - c.last_heard
+            failed = status is not None and status["state"] == "failed"
+            if failed and quiet >= FAILED_GRACE_S:
+                raise JobFailedError(f"job {job} failed: {status['reason'] or 'no reason given'}")
             c.changed.clear()
-            wait = FAILED_GRACE_S if failed_at else c.last_heard + timeout - time.monotonic()
+            wait = (FAILED_GRACE_S if failed else timeout) - quiet
             if wait <= 0:
                 missing = sorted({0, 1, 2} - set(c.shares))
                 said = f"; last status: {status['state']}" if status is not None else \

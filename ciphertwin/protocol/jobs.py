@@ -31,7 +31,7 @@ import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -44,12 +44,14 @@ from ciphertwin.crypto.kpcpre import PrePublicKey
 from ciphertwin.crypto.signing import SigningKey, VerifyKey
 from ciphertwin.crypto.tokens import roster_digest
 from ciphertwin.errors import CipherTwinError, ValidationError
-from ciphertwin.mpc_nodes.roster import Roster, RosterEntry
 from ciphertwin.protocol.control import verify_control
 from ciphertwin.protocol.job_epochs import (
     DEFAULT_EPOCH_S, MAX_EPOCH_S, FieldEncoding, epoch_window, parse_encodings,
 )
 from ciphertwin.protocol.kinds import DIGEST, REASON, SIG
+
+if TYPE_CHECKING:  # numpy comes with the MPC side: a device's CLI must not import it
+    from ciphertwin.mpc_nodes.roster import Roster, RosterEntry
 
 ROLE = Str(32, 1)
 PUBKEY = Bytes(32, 32)
@@ -138,6 +140,8 @@ class NodeRoster:
 def build_roster(operator: SigningKey, entries: Sequence[RosterEntry],
                  pre_keys: Sequence[PrePublicKey], version: int) -> bytes:
     """Operator-signed ``node_roster`` message (publish retained on ``config/nodes``)."""
+    from ciphertwin.mpc_nodes.roster import Roster
+
     Roster(list(entries))  # refuse a bad roster before signing it
     body: dict[str, Any] = {
         "version": version, "entries": [e.to_bytes() for e in sorted(entries, key=lambda e: e.index)],
@@ -154,6 +158,8 @@ def parse_roster(payload: bytes, operator: VerifyKey) -> NodeRoster:
     Who follows rosters over time goes through ``roster_trust.RosterHistory`` (versions, share
     indices), not this function alone.
     """
+    from ciphertwin.mpc_nodes.roster import Roster, RosterEntry
+
     if not isinstance(operator, VerifyKey):
         raise ValidationError("node roster: no pinned operator key to check it against")
     env = decode(payload, "node_roster")
