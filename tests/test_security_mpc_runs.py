@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import AsyncExitStack, closing
 from pathlib import Path
 from typing import Any
@@ -372,3 +373,21 @@ def test_a_damaged_ledger_or_roster_state_stops_the_node_with_a_clear_reason(tmp
     state.chmod(0o600)
     with pytest.raises(ValidationError, match="roster state"):
         RosterHistory(SigningKey.generate().verify_key, state)
+
+
+def test_retained_results_are_remembered_across_restarts_until_cleared(tmp_path) -> None:
+    """A node leaves each output share retained for its receiver; the ledger keeps the topic
+    so the share is cleared once old, also by a restarted node."""
+    path = tmp_path / "node-ledger.db"
+    ledger = NodeLedger(path)
+    ledger.record_result("j1", "ct/v1/receivers/r/results/j1/node0")
+    time.sleep(0.01)
+    cut = time.time()
+    ledger.record_result("j2", "ct/v1/receivers/r/results/j2/node0")
+    ledger.close()
+    again = NodeLedger(path)
+    assert again.results_before(cut) == [("j1", "ct/v1/receivers/r/results/j1/node0")]
+    assert [j for j, _ in again.results_before(time.time() + 1)] == ["j1", "j2"]
+    again.forget_result("j1")
+    assert [j for j, _ in again.results_before(time.time() + 1)] == ["j2"]
+    again.close()
