@@ -455,3 +455,33 @@ def test_output_shares_are_rerandomised_even_for_empty_rows() -> None:
 def test_split_shares_of_devices_are_fresh() -> None:
     a, b = split_additive(np.array([5], dtype=np.int64)), split_additive(np.array([5], dtype=np.int64))
     assert a[0][0] != b[0][0]
+
+
+def test_functions_do_not_rely_on_the_reading_order() -> None:
+    # arrange() sorts by (row, time, …); a layout in any other order gives the same counts
+    rows, epochs = [2, 0, 1, 0, 2, 0], [1, 0, 3, 0, 1, 2]
+    xs, ref_x = [0, 9, 1, 1, 50, 0], [0, 0, 0, 0]
+    layout = Layout.build(4, user=(3, rows, epochs), reference=(1, [0] * 4, [0, 1, 2, 3]))
+    plain = {"user_x": xs, "user_y": [0] * 6, "ref_x": ref_x, "ref_y": [0] * 4}
+    per_node: list[dict[str, np.ndarray]] = [{}, {}, {}]
+    for key, values in plain.items():
+        for i, share in enumerate(split_additive(np.array(values, dtype=np.int64))):
+            per_node[i][key] = share
+    params = {"radius": 3, "coord_bits": 8}
+
+    async def prog(party: Party, additive: dict[str, np.ndarray]) -> OutputShare:
+        inputs = await load_inputs(party, "contact_tracing", params, additive, layout)
+        return await run_function(party, "contact_tracing", params, inputs, layout)
+
+    outs, parties = simulate(prog, per_node)
+    # row 0: epoch 0 (9 far, 1 near) counts, epoch 2 (0) counts; row 1: epoch 3; row 2: epoch 1 once
+    assert combine_outputs(outs).tolist() == [2, 1, 1]
+    assert parties[0].round == expected_rounds("contact_tracing", params, layout)
+
+
+def test_rounds_without_a_layout_are_an_upper_bound() -> None:
+    params = {"radius": 3, "coord_bits": 8}
+    busy = Layout.build(1, user=(1, [0] * 9, [0] * 9), reference=(1, [0] * 9, [0] * 9))
+    assert expected_rounds("contact_tracing", params, busy) <= expected_rounds("contact_tracing", params)
+    for name, p in (("sum", {}), ("count_above", {"threshold": 1}), ("histogram", {"edges": [0, 1]})):
+        assert expected_rounds(name, p) == expected_rounds(name, p, busy)

@@ -29,28 +29,31 @@ from ciphertwin.mpc_nodes.protocols.arithmetic import from_additive_many
 from ciphertwin.mpc_nodes.shares import ArithShare
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
-KEEP_FREE_BYTES = (1 << 31) - 1  # the largest value mallopt takes (2 GiB)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+HEAP_ARRAY_BYTES = 32 << 20  # the largest mmap threshold glibc accepts on 64-bit
+KEEP_FREE_BYTES = (1 << 31) - 1  # the largest trim threshold mallopt takes (2 GiB)
 
 
 @functools.cache
 def reuse_freed_memory() -> bool:
-    """Let this process reuse freed memory for the next large array (glibc; once per process).
+    """Let this process reuse freed memory for the next array (glibc; once per process).
 
-    Every protocol step makes arrays of tens of MB. glibc serves each from a fresh mmap and
-    unmaps it when freed, so the next one page-faults in newly zeroed pages again — at 5 M
-    pairs that churn was more than half the CPU time. With mmap off and up to 2 GiB of free
-    heap kept, freed arrays are reused: the node's memory stays flat at its largest job
-    instead of sawing up and down, and a warm node runs the kernel in ~½ the CPU time (5 M
-    pairs: 1.8 s instead of 3.8–4.3 s for the three parties; the first job costs the same).
-    A no-op (False) where mallopt is unavailable.
+    Every protocol step makes arrays of MBs to tens of MBs. By default glibc maps most of
+    them fresh and unmaps or trims them when freed, so the next one page-faults in newly
+    zeroed pages again — at 5 M pairs that churn was more than half of the CPU time. Here
+    arrays up to 32 MiB come from the heap and up to 2 GiB of freed heap is kept, so they are
+    reused (a 500 k-pair job entirely; bit planes and most temporaries at 5 M); larger arrays
+    stay fresh mappings, whose transparent huge pages make a first touch cheaper than a
+    grown heap does (disabling mmap entirely made the first 5 M-pair job slower here).
+    Memory stays flat at the largest job. A no-op (False) where mallopt is unavailable.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_BYTES))
+    return (bool(mallopt(_M_MMAP_THRESHOLD, HEAP_ARRAY_BYTES))
+            and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_BYTES)))
 
 
 def check_encodings(name: str, params: Mapping[str, Any], encodings: Mapping[str, Any]) -> None:

@@ -34,10 +34,15 @@ How, and why it costs what it costs:
    pair *is* its bit. If some group has k > 1 pairs, those groups only — the pair bits summed
    locally into c ∈ [0, k] — go through one more, small comparison [−c < 0] ("c > 0"):
    reshare (1 round, ℓ' bits), sign with ℓ' = max(2, ⌈log2 k_max⌉ + 1), bit → ring (1 round).
-   Which groups have several pairs is public, so no secret decides anything.
+   Which groups have several pairs is public, so no secret decides anything. Why a count
+   and not an OR tree over each group's bits: summing is free for groups of any size, and
+   the count's comparison costs 2 + ⌈log2(ℓ'−1)⌉ rounds with ℓ' ≈ log2 k_max — with its
+   reshare and bit → ring at most 9 more rounds, whatever a device sends — while an OR tree
+   needs ⌈log2 k_max⌉ rounds, fewer for a few duplicates but growing with the busiest
+   (user, epoch). Groups of one pair, the usual case, skip it altogether.
 5. **Per-user sums** of the group bits are local (prefix sums on the share halves).
 
-Rounds (inputs not counted): 1 + (2 + ⌈log2(ℓ−1)⌉) + 1 = 10 for 33 < ℓ ≤ 64 (9 for ℓ ≤ 33),
+Rounds (inputs not counted): 1 + (2 + ⌈log2(ℓ−1)⌉) + 1 = 10 for 33 < ℓ ≤ 64 (9 for 17 < ℓ ≤ 33),
 plus 1 + (2 + ⌈log2(ℓ'−1)⌉) + 1 only when some (user, epoch) has more than one pair: +4 for
 k_max = 2, +5 for k_max ≤ 4, +6 for k_max ≤ 8. Independent of the number of users and points;
 ``rounds(p, layout)`` reads the public layout to say which.
@@ -220,7 +225,9 @@ async def protocol(party: Party, p: ContactParams, inputs: Mapping[str, ArithSha
     dy = plan.at_user(inputs["user_y"]) - inputs["ref_y"][plan.ref]
     dist = await inner(party, [(dx, dx), (dy, dy)], bits=p.bits)
     del dx, dy
-    close = await ltz(party, dist.add_public(-p.r2), p.bits)
+    dist = dist.add_public(-p.r2)  # rebinding frees D's arrays before the sign circuit
+    close = await ltz(party, dist, p.bits)
+    del dist
     hits = await b2a_additive(party, close)  # additive share of each pair's bit
     if plan.multi:
         per_group = segment_sums(hits, plan.group, plan.groups)
