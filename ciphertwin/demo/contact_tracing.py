@@ -87,11 +87,14 @@ def coordinate_encoding(unit: str = "m") -> FieldEncoding:
     return dataclasses.replace(DEFAULT_FIELDS["contact_tracing"]["x"], unit=unit)
 
 
-def _params(radius: float, encoding: FieldEncoding | None = None) -> dict[str, int]:
-    """Job parameters: the radius in encoded units and the coordinate bound the encoding gives."""
+def _params(radius: float, encoding: FieldEncoding | None = None,
+            window: int = 0) -> dict[str, int]:
+    """Job parameters: the radius in encoded units, the coordinate bound the encoding gives,
+    and the ±``window`` epochs a contact may be apart (only sent when not 0)."""
     enc = encoding or coordinate_encoding()
-    return {"radius": max(1, round(radius * (1 << enc.frac))),
-            "coord_bits": max(1, enc.bound.bit_length())}
+    params = {"radius": max(1, round(radius * (1 << enc.frac))),
+              "coord_bits": max(1, enc.bound.bit_length())}
+    return params | ({"window": window} if window else {})
 
 
 def _fields(encoding: FieldEncoding) -> dict[str, dict[str, Any]]:
@@ -447,6 +450,7 @@ class Report:
     epoch_s: int = DEFAULT_EPOCH_S
     unit: str = "m"
     notes: list[str] = field(default_factory=list)
+    window: int = 0
 
     @property
     def checked(self) -> bool:
@@ -461,7 +465,7 @@ class Report:
         return {"results": self.results, "timings": self.timings,
                 "checked_against_plaintext": self.checked, "mismatches": self.mismatches,
                 "window": {"since": iso(self.since), "until": iso(self.until),
-                           "epoch_s": self.epoch_s},
+                           "epoch_s": self.epoch_s, "contact_window_epochs": self.window},
                 "parameters": {"users": self.users, "points": self.points,
                                "key_epochs": self.key_epochs, "rtt_ms": self.rtt_ms,
                                "unit": self.unit,
@@ -530,12 +534,13 @@ def job_inputs(w: World, paths: Paths) -> list[tuple[str, str, str]]:
 async def process(w: World, paths: Paths, radius: float, t0: float, bus: BusClient, *,
                   receiver: str = "health", receiver_key: bytes | None = None,
                   job: str | None = None, timeout: float = 3600,
-                  epoch_s: int = DEFAULT_EPOCH_S) -> tuple[Any, JobResult | None]:
+                  epoch_s: int = DEFAULT_EPOCH_S,
+                  window: int = 0) -> tuple[Any, JobResult | None]:
     """6+: submit over the window [t0, end of the last reading's epoch), follow the status;
     returns (final status, result keyed by the users' own ids, or None)."""
     enc = coordinate_encoding(paths.unit)
     status, result = await run_job(
-        w, bus, "contact_tracing", _params(radius, enc), job_inputs(w, paths), paths.points,
+        w, bus, "contact_tracing", _params(radius, enc, window), job_inputs(w, paths), paths.points,
         t0, job_window(paths, epoch_s)[1], epoch_s=epoch_s, fields=_fields(enc),
         job=job or new_job_id("ct"), receiver=receiver, receiver_key=receiver_key,
         timeout=timeout)
@@ -568,7 +573,8 @@ async def run_job(w: World, bus: BusClient, function: str, params: Mapping[str, 
 async def run_demo(*, users: int = 10, points: int = 50, key_epochs: int = 50,
                    radius: float = 5.0, rtt_ms: float = 30.0,
                    broker: tuple[str, int] | None = None, paths: Paths | None = None,
-                   repeat: bool = False, replay: bool = False) -> Report:
+                   repeat: bool = False, replay: bool = False,
+                   epoch_s: int = DEFAULT_EPOCH_S, window: int = 0) -> Report:
     """Run 2+, 3+ and 6+ and check the receiver's result against the plaintext reference."""
     if paths is None:
         start = aligned_start(epoch_policy(points, key_epochs), points)
@@ -587,7 +593,8 @@ async def run_demo(*, users: int = 10, points: int = 50, key_epochs: int = 50,
         t0, timings = await prepare(w, paths, key_epochs, owners_bus, bus)
         for run in range(2 if repeat else 1):
             j0 = time.perf_counter()
-            status, result = await process(w, paths, radius, t0, owners_bus)
+            status, result = await process(w, paths, radius, t0, owners_bus, epoch_s=epoch_s,
+                                           window=window)
             if result is None:
                 raise RuntimeError(f"job {status['job']} failed: {status['reason']}")
             key = "processing" if run == 0 else "processing_repeat"
@@ -595,12 +602,13 @@ async def run_demo(*, users: int = 10, points: int = 50, key_epochs: int = 50,
             for phase, secs in w.cloud.jobs.timings.get(status["job"], {}).items():
                 timings[f"{key}_{phase}"] = secs
         results = result.as_dict()
-    since, until = t0, job_window(paths)[1]
-    expected = plaintext_reference(paths, radius, since=since, until=until)
+    since, until = t0, job_window(paths, epoch_s)[1]
+    expected = plaintext_reference(paths, radius, since=since, until=until, epoch_s=epoch_s,
+                                   window=window)
     timings = _per_user(timings, n_users)
     return Report(n_users, n_points, key_epochs, results, expected, timings, rtt_ms,
                   "embedded" if broker is None else f"mqtt://{broker[0]}:{broker[1]}",
-                  since, until, DEFAULT_EPOCH_S, paths.unit, notes)
+                  since, until, epoch_s, paths.unit, notes, window)
 
 
 def _per_user(t: dict[str, float], n: int) -> dict[str, float]:
@@ -635,7 +643,8 @@ def format_report(r: Report) -> str:
                  f"{t.get('processing_reencrypt_s', 0):.2f}, publish {t.get('processing_publish_s', 0):.2f}, "
                  f"nodes {t.get('processing_compute_s', 0):.2f}); paper constant 12.4 s")
     contacts = sum(1 for v in r.results.values() if v)
-    lines.append(f"window {iso(r.since)} .. {iso(r.until)} in epochs of {r.epoch_s} s; "
+    lines.append(f"window {iso(r.since)} .. {iso(r.until)} in epochs of {r.epoch_s} s"
+                 f"{f' (contacts ±{r.window} epochs)' if r.window else ''}; "
                  f"coordinates in {r.unit}")
     lines.extend(f"note: {n}" for n in r.notes)
     shown = sorted(r.expected)[:MAX_ROWS_SHOWN]

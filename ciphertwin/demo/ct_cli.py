@@ -33,6 +33,10 @@ def add_contact_tracing(demo_subparsers: Any) -> None:
     p.add_argument("--replay", action="store_true",
                    help="move every reading by whole days so the last one is recent "
                         "(the cloud refuses items more than 366 days old)")
+    p.add_argument("--epoch-s", type=int, default=60,
+                   help="epoch length in seconds (epochs start at whole multiples in UTC)")
+    p.add_argument("--window", type=int, default=0,
+                   help="a contact may be up to this many epochs apart (default 0: same epoch)")
     p.add_argument("--repeat", action="store_true", help="run the job twice (cache effect)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run)
@@ -57,13 +61,16 @@ async def _run(args: argparse.Namespace) -> int:
         raise SystemExit("--paths and --reference go together")
     if not 1 <= args.users <= 100_000 or not 1 <= args.points <= 1440:
         raise SystemExit("--users 1..100000, --points 1..1440")
+    if not 1 <= args.epoch_s <= 86_400 or not 0 <= args.window <= 1440:
+        raise SystemExit("--epoch-s 1..86400, --window 0..1440")
     if args.origin is not None and args.paths is None:
         raise SystemExit("--origin goes with --paths/--reference")
     origin = _origin(args.origin) if args.origin else None  # errors: one line, exit 2
     paths = load_paths(args.paths, args.reference, origin=origin) if args.paths else None
     report = await run_demo(users=args.users, points=args.points, key_epochs=args.key_epochs,
                             radius=args.radius, rtt_ms=args.rtt_ms, broker=broker,
-                            paths=paths, repeat=args.repeat, replay=args.replay)
+                            paths=paths, repeat=args.repeat, replay=args.replay,
+                            epoch_s=args.epoch_s, window=args.window)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:
