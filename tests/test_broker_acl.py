@@ -83,14 +83,16 @@ def test_owner_addresses_only_its_twins() -> None:
 
 def test_receiver_node_operator_cloud() -> None:
     r = acl("rec")
-    assert r.may_subscribe(T.stream("t1", "rec")) and r.may_subscribe(T.results("rec", "j"))
-    assert not r.may_subscribe(T.results("x", "j")) and not r.may_publish(T.twin_data("t1"))
+    assert r.may_subscribe(T.stream("t1", "rec")) and r.may_subscribe(T.results("rec", "j", "n0"))
+    assert r.may_subscribe(T.filter("results", receiver="rec", job="j"))
+    assert not r.may_subscribe(T.results("x", "j", "n0")) and not r.may_publish(T.twin_data("t1"))
     n = acl("n0")
     assert n.may_publish(T.mpc("j", "n0", "n1")) and not n.may_publish(T.mpc("j", "n1", "n0"))
     assert n.may_subscribe(T.mpc("j", "n1", "n0")) and not n.may_subscribe(T.mpc("j", "n0", "n1"))
     assert n.may_subscribe(T.filter("node_inputs", node="n0"))
     assert not n.may_subscribe(T.node_inputs("n1", "j"))
-    assert n.may_publish(T.results("rec", "j"))
+    # a node publishes (and may clear) only its own retained output share
+    assert n.may_publish(T.results("rec", "j", "n0")) and not n.may_publish(T.results("rec", "j", "n1"))
     o = acl("op")
     assert o.may_publish(T.config_nodes()) and not o.may_publish(T.twin_data("t1"))
     c = acl("cloud")
@@ -103,7 +105,7 @@ def test_cloud_cannot_publish_rosters_revocations_frames_or_results() -> None:
     inject MPC frames, post results, or write into a twin as if it were a device."""
     c = acl("cloud")
     for topic in (T.config_nodes(), T.token_revoked("o1", "ab" * 16), T.mpc("j", "n0", "n1"),
-                  T.results("rec", "j"), T.twin_data("t1"), T.control("o1"), T.job_submit()):
+                  T.results("rec", "j", "n0"), T.twin_data("t1"), T.control("o1"), T.job_submit()):
         assert not c.may_publish(topic), topic
     for topic in (T.ack("t1", "d1"), T.stream("t1", "rec"), T.replies("o1", "r1"),
                   T.job_status("j"), T.node_inputs("n0", "j"), T.inbox("d1")):

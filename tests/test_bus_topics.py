@@ -25,7 +25,7 @@ T = Topics()
         (T.job_status("j:1"), "job_status", {"job": "j:1"}),
         (T.node_inputs("n0", "j1"), "node_inputs", {"node": "n0", "job": "j1"}),
         (T.mpc("j1", "n0", "n1"), "mpc", {"job": "j1", "frm": "n0", "to": "n1"}),
-        (T.results("bob", "j1"), "results", {"receiver": "bob", "job": "j1"}),
+        (T.results("bob", "j1", "n0"), "results", {"receiver": "bob", "job": "j1", "node": "n0"}),
         (T.config_nodes(), "config_nodes", {}),
         (T.query("alice"), "query", {"principal": "alice"}),
         (T.replies("alice", "r.7"), "replies", {"principal": "alice", "request_id": "r.7"}),
@@ -48,7 +48,7 @@ def test_every_template_has_a_helper_that_parses_back() -> None:
 def test_design_table_strings() -> None:
     assert T.ack("tw", "dv") == "ct/v1/twins/tw/ack/dv"
     assert T.mpc("j", "0", "2") == "ct/v1/mpc/j/0/2"
-    assert Topics("site-a/ct").results("r", "j") == "site-a/ct/receivers/r/results/j"
+    assert Topics("site-a/ct").results("r", "j", "n") == "site-a/ct/receivers/r/results/j/n"
 
 
 def test_filters_use_plus_for_missing_fields() -> None:

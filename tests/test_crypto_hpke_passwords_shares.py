@@ -134,3 +134,16 @@ def test_shares_module_does_not_import_numpy() -> None:
 
     code = "import ciphertwin.crypto, sys; assert 'numpy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-5e4, 5e4, allow_nan=False), st.integers(0, 20))
+def test_declared_encoding_survives_the_split(x, frac) -> None:
+    """What the device shares is exactly FieldEncoding.encode's signed integer, mod 2^64."""
+    from ciphertwin.protocol.job_epochs import FieldEncoding
+
+    enc = FieldEncoding("m", frac, -5e4, 5e4)
+    v = enc.encode(x)
+    total = combine_additive(split_additive([v]))[0]
+    assert total - (1 << 64) * (total >> 63) == v
+    assert abs(decode_fixed(total, frac) - x) <= 2.0 ** -(frac + 1)

@@ -9,13 +9,14 @@ from contextlib import AsyncExitStack
 import msgpack
 import pytest
 
-from ciphertwin.agents.processing import ResultReceiver
+import processing_world as pw
+from ciphertwin.agents.processing import JobFailedError, ResultReceiver
 from ciphertwin.bus.envelope import decode, encode
 from ciphertwin.crypto.hpke import X25519KeyPair
 from ciphertwin.crypto.signing import SigningKey
 from ciphertwin.crypto.tokens import issue_process_token
 from ciphertwin.demo.contact_tracing import (
-    plaintext_reference, prepare, process, random_paths, start_world,
+    _params, plaintext_reference, prepare, process, random_paths, start_world,
 )
 from ciphertwin.protocol.jobs import pack_params
 
@@ -70,7 +71,7 @@ async def test_contact_tracing_matches_plaintext_and_cloud_sees_no_share(broker:
               for enc in _encodings(v) if enc in seen or enc in db]
     assert leaked == []
     # control: the scan does find values that really are there (the job parameters)
-    assert pack_params({"radius": 80, "coord_bits": 24, "epoch_bits": 16}) in seen
+    assert pack_params(_params(RADIUS)) in seen
 
 
 async def test_repeat_job_does_no_pairing_work() -> None:
@@ -135,14 +136,10 @@ async def _forge_inputs(w, bus, job: str, receiver_key: bytes) -> None:
     tokens = [v for k, v in (await w.cloud.store.list_kv("process_tokens")).items()
               if k.startswith(phone.owner + "/")]
     token = msgpack.unpackb(tokens[0])["token"]
-    spec = encode("job_spec", {
-        "job": job, "function": "contact_tracing", "params": pack_params({"radius": 80}),
-        "receiver": "eve", "receiver_key": receiver_key, "roster": w.roster.digest, "points": 4,
-        "bindings": {}, "twins": [{"twin": phone.user, "owner_key": phone.owner_sig.verify_key.raw,
-                                   "role": "user", "count": 0}], "tokens": [token]})
-    for node in w.roster.node_ids:
-        await bus.publish(bus.topics.node_inputs(node, job), encode(
-            "node_inputs", {"job": job, "chunk": 0, "chunks": 1, "spec": spec, "items": []}))
+    spec = pw.job_spec(job, "eve", receiver_key, w.roster.digest,
+                       [{"twin": phone.user, "owner_key": phone.owner_sig.verify_key.raw,
+                         "role": "user", "count": 0}], [token])
+    await pw.send_spec(bus, w.roster.node_ids, job, spec)
 
 
 async def test_forged_token_is_refused() -> None:
@@ -155,16 +152,10 @@ async def test_forged_token_is_refused() -> None:
         forged = issue_process_token(mallory, "type:location", ["proximity"],
                                      [w.receiver_key.public_bytes], w.roster.node_keys,
                                      twins=[phone.user], valid_for_s=600)
-        spec = encode("job_spec", {
-            "job": "forged-2", "function": "contact_tracing", "params": pack_params({"radius": 80}),
-            "receiver": "health", "receiver_key": w.receiver_key.public_bytes,
-            "roster": w.roster.digest, "points": 3, "bindings": {},
-            "twins": [{"twin": phone.user, "owner_key": phone.owner_sig.verify_key.raw,
-                       "role": "user", "count": 0}], "tokens": [forged.to_bytes()]})
-        for node in w.roster.node_ids:
-            await owners.publish(owners.topics.node_inputs(node, "forged-2"), encode(
-                "node_inputs", {"job": "forged-2", "chunk": 0, "chunks": 1, "spec": spec,
-                                "items": []}))
+        spec = pw.job_spec("forged-2", "health", w.receiver_key.public_bytes, w.roster.digest,
+                           [{"twin": phone.user, "owner_key": phone.owner_sig.verify_key.raw,
+                             "role": "user", "count": 0}], [forged.to_bytes()], points=3)
+        await pw.send_spec(owners, w.roster.node_ids, "forged-2", spec)
         for _ in range(100):
             if all("forged-2" in n.refused for n in w.nodes):
                 break
@@ -192,8 +183,8 @@ async def test_node_dying_mid_job_fails_the_job_without_output() -> None:
         assert killed.is_set()
         assert status["state"] == "failed" and result is None
         assert "node2" in status["reason"] or "node 2" in status["reason"]
-        await asyncio.sleep(0.5)
-        assert len(w.receiver._jobs[status["job"]].shares) < 3
+        with pytest.raises(JobFailedError, match="node2|node 2"):  # not all three shares exist
+            await w.receiver.result(status["job"], timeout=5)
 
 
 async def test_phone_items_lost_on_the_way_are_resent(monkeypatch: pytest.MonkeyPatch) -> None:

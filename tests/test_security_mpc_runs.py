@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import AsyncExitStack, closing
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from ciphertwin.crypto.signing import SigningKey
 from ciphertwin.demo.contact_tracing import (
     _params, job_inputs, plaintext_reference, prepare, process, random_paths, start_world,
 )
-from ciphertwin.agents.processing import submit_job
+from ciphertwin.agents.processing import JobFailedError, submit_job
 from ciphertwin.mpc_nodes.errors import MpcValidationError, TamperedMessageError
 from ciphertwin.mpc_nodes.ledger import NodeLedger
 from ciphertwin.mpc_nodes.local_cluster import run_parties
@@ -304,8 +305,8 @@ async def test_a_signed_failed_status_of_a_roster_node_aborts_the_job() -> None:
                 break
             await asyncio.sleep(0.05)
         assert await w.cloud.store.get_kv("jobs", job) == b"failed"
-        result.cancel()
-        assert len(w.receiver._jobs[job].shares) < 3
+        with pytest.raises(JobFailedError, match="node1 gives up"):  # no three shares exist
+            await result
 
 
 async def test_the_cloud_ignores_statuses_of_nodes_outside_the_job_roster() -> None:
@@ -372,3 +373,21 @@ def test_a_damaged_ledger_or_roster_state_stops_the_node_with_a_clear_reason(tmp
     state.chmod(0o600)
     with pytest.raises(ValidationError, match="roster state"):
         RosterHistory(SigningKey.generate().verify_key, state)
+
+
+def test_retained_results_are_remembered_across_restarts_until_cleared(tmp_path) -> None:
+    """A node leaves each output share retained for its receiver; the ledger keeps the topic
+    so the share is cleared once old, also by a restarted node."""
+    path = tmp_path / "node-ledger.db"
+    ledger = NodeLedger(path)
+    ledger.record_result("j1", "ct/v1/receivers/r/results/j1/node0")
+    time.sleep(0.01)
+    cut = time.time()
+    ledger.record_result("j2", "ct/v1/receivers/r/results/j2/node0")
+    ledger.close()
+    again = NodeLedger(path)
+    assert again.results_before(cut) == [("j1", "ct/v1/receivers/r/results/j1/node0")]
+    assert [j for j, _ in again.results_before(time.time() + 1)] == ["j1", "j2"]
+    again.forget_result("j1")
+    assert [j for j, _ in again.results_before(time.time() + 1)] == ["j2"]
+    again.close()

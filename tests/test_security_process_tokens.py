@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 import pytest
 
+import processing_world as pw
 from ciphertwin.agents.processing import ControlRefused, _control, revoke_processing
 from ciphertwin.bus.envelope import decode, encode
 from ciphertwin.crypto.epochs import DataKeyManager, KeyEpochPolicy
@@ -31,10 +32,9 @@ from ciphertwin.demo.contact_tracing import prepare, process, random_paths, star
 from ciphertwin.mpc_nodes.service import ProcessingNode
 from ciphertwin.protocol.control import build_control
 from ciphertwin.protocol.items import DeviceCredentials, build_item, decode_item
-from ciphertwin.protocol.jobs import default_bindings, pack_params
 
 RADIUS = 5.0
-PARAMS = {"radius": 80, "coord_bits": 24, "epoch_bits": 16}
+PARAMS = {"radius": 80, "coord_bits": 24}
 Entry = dict[str, bytes]
 
 
@@ -133,16 +133,10 @@ async def _stored_token(w: Any, owner: str) -> bytes:
 async def _send_spec(w: Any, bus: Any, job: str, twins: list[tuple[str, bytes, str]],
                      tokens: list[bytes]) -> None:
     """Chunk 0 (the spec, no items) of ``job`` to every node, as the cloud would send it."""
-    spec = encode("job_spec", {
-        "job": job, "function": "contact_tracing", "params": pack_params(PARAMS),
-        "receiver": "health", "receiver_key": w.receiver_key.public_bytes,
-        "roster": w.roster.digest, "points": 4,
-        "bindings": default_bindings("contact_tracing", PARAMS),
-        "twins": [{"twin": t, "owner_key": k, "role": r, "count": 0} for t, k, r in twins],
-        "tokens": tokens})
-    for node in w.roster.node_ids:
-        await bus.publish(bus.topics.node_inputs(node, job), encode(
-            "node_inputs", {"job": job, "chunk": 0, "chunks": 1, "spec": spec, "items": []}))
+    spec = pw.job_spec(job, "health", w.receiver_key.public_bytes, w.roster.digest,
+                       [{"twin": t, "owner_key": k, "role": r, "count": 0} for t, k, r in twins],
+                       tokens, params=PARAMS)
+    await pw.send_spec(bus, w.roster.node_ids, job, spec)
 
 
 async def _refusals(w: Any, job: str) -> list[str]:
@@ -274,3 +268,41 @@ def test_owner_cannot_publish_revocations_under_another_owners_name() -> None:
     assert not acl["alice"].may_publish(t.token_revoked("bob", tid))
     assert not any(acl[c].may_publish(t.token_revoked("alice", tid)) for c in ("n0", "rec", "d1"))
     assert acl["n0"].may_subscribe(t.filter("token_revoked"))
+
+
+# --- tokens issued for another roster (M4) -------------------------------------------------
+
+
+def test_a_token_for_another_roster_says_so_whatever_else_does_not_fit() -> None:
+    """Before: a pre-swap token was refused as function-class-not-allowed (or receiver) when
+    those checks came first; the roster is checked first and its reason names the cause."""
+    from ciphertwin.crypto.errors import TokenRejected
+    from ciphertwin.crypto.tokens import first_admitting, roster_digest, verify_process_token
+
+    owner = SigningKey.generate()
+    old_nodes, new_nodes = [os.urandom(32) for _ in range(3)], [os.urandom(32) for _ in range(3)]
+    receiver = os.urandom(32)
+    old = issue_process_token(owner, "type:location", ["proximity"], [receiver], old_nodes,
+                              twins=["t"], valid_for_s=600)
+    new_other = issue_process_token(owner, "type:location", ["aggregate"], [receiver],
+                                    new_nodes, twins=["t"], valid_for_s=600)
+    roster = roster_digest(new_nodes)
+    with pytest.raises(TokenRejected, match="token was issued for another node roster") as exc:
+        verify_process_token(old, owner.verify_key, function_class="raw-export",
+                             receiver=os.urandom(32), roster=roster)
+    assert exc.value.reason == "roster-mismatch" and "re-grant processing" in str(exc.value)
+
+    def check(t: ProcessToken) -> None:
+        verify_process_token(t, owner.verify_key, function_class="proximity", receiver=receiver,
+                             roster=roster)
+
+    assert first_admitting([old], check)[1].endswith(
+        "the nodes changed since processing was granted; re-grant processing)")
+    # a current token that does not fit says more than an old one that names other nodes
+    for tokens in ([old, new_other], [new_other, old]):
+        token, reason = first_admitting(tokens, check)
+        assert token is None and "function-class-not-allowed" in reason
+    assert first_admitting([], check) == (None, "no process token")
+    ok = issue_process_token(owner, "type:location", ["proximity"], [receiver], new_nodes,
+                             twins=["t"], valid_for_s=600)
+    assert first_admitting([old, ok], check) == (ok, "")

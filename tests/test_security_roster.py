@@ -39,7 +39,7 @@ from ciphertwin.mpc_nodes.roster import NodeIdentity
 from ciphertwin.mpc_nodes.service import ProcessingNode
 from ciphertwin.protocol.jobs import NodeRoster, build_roster, parse_roster
 from ciphertwin.protocol.roster_trust import (
-    MAX_VERSION_JUMP, RosterHistory, RosterRefused, ShareIndexBook,
+    KEEP_ROSTERS, MAX_VERSION_JUMP, RosterHistory, RosterRefused, ShareIndexBook, swap_reason,
 )
 
 TOP = 2**63 - 1  # the largest version a roster can carry (STORED_INT)
@@ -63,6 +63,51 @@ def _at(identity: NodeIdentity, index: int, node_id: str | None = None) -> NodeI
 def _unpinned(payload: bytes) -> NodeRoster:
     """Test helper: parse a roster against whatever key signed it (never done in the code)."""
     return parse_roster(payload, VerifyKey(decode(payload, "node_roster")["operator"]))
+
+
+# --- jobs pinned to a roster (M4) ---------------------------------------------------------
+
+
+def test_history_keeps_accepted_rosters_by_digest_across_restarts(tmp_path: Path) -> None:
+    """A result names the digest of the roster its job ran on; a receiver finds that roster
+    (one it accepted itself) after a swap, and after a restart, but never one it did not."""
+    op = SigningKey.generate()
+    ids, pres = _nodes()
+    spare = NodeIdentity.generate(1, "n1b")
+    v1 = _payload(op, ids, pres, 1)
+    v2 = _payload(op, [ids[0], spare, ids[2]], pres, 2)
+    state = tmp_path / "roster-history.json"
+    h = RosterHistory(op.verify_key, state)
+    r1, r2 = h.accept(v1), h.accept(v2)
+    assert r1.digest != r2.digest
+    assert h.by_digest(r1.digest) == r1 and h.by_digest(r2.digest) == r2
+    again = RosterHistory(op.verify_key, state)
+    assert again.by_digest(r1.digest).node_ids == ("n0", "n1", "n2")
+    assert again.by_digest(r2.digest).node_ids == ("n0", "n1b", "n2")
+    # not accepted (another operator's roster over the same node keys): not known
+    other = RosterHistory(SigningKey.generate().verify_key, state)
+    assert other.by_digest(r1.digest) is None
+    # a bounded memory: the oldest are dropped
+    h2 = RosterHistory(op.verify_key)
+    first = h2.accept(_payload(op, ids, pres, 1))
+    for v in range(2, KEEP_ROSTERS + 3):
+        h2.accept(_payload(op, [ids[0], NodeIdentity.generate(1, f"s{v}"), ids[2]], pres, v))
+    assert h2.by_digest(first.digest) is None
+
+
+def test_swap_reason_names_what_changed() -> None:
+    op = SigningKey.generate()
+    ids, pres = _nodes("node")
+    v1 = _unpinned(_payload(op, ids, pres, 1))
+    assert swap_reason(v1, _unpinned(_payload(op, ids, pres, 2))) is None  # same nodes
+    swapped = _unpinned(_payload(op, [ids[0], NodeIdentity.generate(1, "node1b"), ids[2]], pres, 2))
+    assert swap_reason(v1, swapped) == (
+        "node roster changed to version 2 during the job: index 1 node1 -> node1b; "
+        "re-grant processing and resubmit")
+    rekeyed = _unpinned(_payload(op, [NodeIdentity.generate(0, "node0"), ids[1], ids[2]], pres, 3))
+    assert "index 0 node0 has new keys" in swap_reason(v1, rekeyed)
+    new_pre = _unpinned(_payload(op, ids, [pres[0], pres[1], PreKeyPair.generate().public], 3))
+    assert "index 2 node2 has new keys" in swap_reason(v1, new_pre)
 
 
 # --- unpinned rosters ----------------------------------------------------------------------

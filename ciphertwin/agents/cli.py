@@ -17,54 +17,33 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ciphertwin.agents.cli_base import BROKER_SECRET  # noqa: F401 - re-exported
+from ciphertwin.agents.cli_base import add_common as _common
+from ciphertwin.agents.cli_base import bus_for as _bus_for
+from ciphertwin.agents.cli_base import home as _home
+from ciphertwin.agents.cli_base import identity as _identity
+from ciphertwin.agents.cli_base import init_principal as _init
+from ciphertwin.agents.cli_base import iso_utc
+from ciphertwin.agents.cli_base import parse_time as _time
 from ciphertwin.agents.identity import (
-    PASSPHRASE_ENV, Identity, default_home, load_identity, load_public,
-    passphrase_from_env_or_prompt,
-    read_private_file, save_identity, write_private_file,
+    PASSPHRASE_ENV, default_home, load_public, passphrase_from_env_or_prompt,
 )
+from ciphertwin.agents.processing_cli import add_owner_commands, add_receiver_commands
 from ciphertwin.bus.client import BusClient
 from ciphertwin.config.passwords import generate_password
 from ciphertwin.config.principals import Principal, add_client
-from ciphertwin.config.settings import Deployment, load_deployment
+from ciphertwin.config.settings import load_deployment
 from ciphertwin.errors import ValidationError
-
-BROKER_SECRET = "broker.secret"
 
 
 # -- shared helpers -------------------------------------------------------------------------
-def _home(args: argparse.Namespace) -> Path:
-    return Path(args.home) if args.home else default_home(args.name)
-
-
-def _common(p: argparse.ArgumentParser, name_required: bool = True) -> None:
-    p.add_argument("--name", required=name_required, help="principal id (broker user)")
-    p.add_argument("--home", help="key folder (default ~/.ciphertwin/<name>)")
-    p.add_argument("--config", help="deployment TOML (default $CIPHERTWIN_CONFIG)")
-
-
 def _bundle_passphrase_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passphrase-stdin", action="store_true",
                    help="read the bundle passphrase from stdin (default: "
                         "$CIPHERTWIN_BUNDLE_PASSPHRASE, else a prompt)")
-
-
-def _save_broker_login(home: Path, username: str, password: str) -> None:
-    write_private_file(home / BROKER_SECRET,
-                       json.dumps({"username": username, "password": password}).encode())
-
-
-def _bus_for(args: argparse.Namespace, deployment: Deployment) -> BusClient:
-    login = json.loads(read_private_file(_home(args) / BROKER_SECRET, 4096))
-    return BusClient.for_deployment(deployment, username=login["username"],
-                                    password=login["password"])
-
-
-def _identity(args: argparse.Namespace) -> Identity:
-    return load_identity(_home(args), passphrase_from_env_or_prompt())
 
 
 def _bundle_passphrase(args: argparse.Namespace, confirm: bool = False) -> str:
@@ -81,39 +60,11 @@ def _bundle_passphrase(args: argparse.Namespace, confirm: bool = False) -> str:
                                          prompt="Bundle passphrase: ")
 
 
-def _init(args: argparse.Namespace, role: str) -> int:
-    """Create keys (+ broker login, if this machine holds the deployment's credentials)."""
-    home = _home(args)
-    identity = Identity.generate(args.name, role)
-    save_identity(identity, home, passphrase_from_env_or_prompt(confirm=True))
-    deployment = load_deployment(args.config)
-    if args.broker_password_stdin:
-        password = sys.stdin.readline().strip()
-    else:
-        password = generate_password()
-        add_client(deployment.principals.credentials_file,
-                   Principal.create(args.name, role, password,
-                                    iterations=deployment.principals.hash_iterations))
-    _save_broker_login(home, args.name, password)
-    print(f"{role} {args.name}: keys in {home}; public key file {home / 'public.key'} "
-          f"(fingerprint {identity.public.fingerprint})")
-    return 0
-
-
-def _time(text: str | None, default: float) -> float:
-    if text is None:
-        return default
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise ValidationError(f"not an ISO date/time: {text!r}") from None
-
-
 def _print_items(items: list[Any], as_json: bool) -> None:
     for it in items:
         row = {"twin": it.twin, "device": it.device, "seq": it.seq, **it.reading}
         print(json.dumps(row) if as_json else
-              f"{datetime.fromtimestamp(it.reading['time']).isoformat(timespec='seconds')} "
+              f"{iso_utc(it.reading['time'])} "
               f"{it.device}#{it.seq} {it.reading['type']}: {it.reading['values']}")
 
 
@@ -239,9 +190,9 @@ async def _device_run(args: argparse.Namespace) -> int:
             Outbox(home / "outbox.db") as outbox:
         expand = {}
         if args.shares:  # 3+: three additive shares per numeric reading, share:i attributes
-            from ciphertwin.agents.share_mode import share_items
+            from ciphertwin.agents.share_mode import SHARE_MODE_FILE, load_share_mode
 
-            expand = {"expand": share_items}
+            expand = {"expand": load_share_mode(args.share_config or home / SHARE_MODE_FILE)}
         agent = DeviceAgent(config, bus, outbox, **expand)
         print(f"device {config.device} → twin {config.twin}: {await outbox.count()} item(s) "
               "waiting in the outbox; Ctrl-C stops", flush=True)
@@ -251,8 +202,6 @@ async def _device_run(args: argparse.Namespace) -> int:
 
 # -- registration ---------------------------------------------------------------------------
 def register(subparsers: Any) -> None:
-    from ciphertwin.agents.processing_cli import add_owner_commands, add_receiver_commands
-
     owner = subparsers.add_parser("owner", help="owner actions: keys, devices, grants")
     osub = owner.add_subparsers(dest="owner_command", metavar="ACTION", required=True)
     p = osub.add_parser("init", help="create owner keys and broker login")
@@ -329,6 +278,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--source", help="override the bundle's source spec (JSON)")
     p.add_argument("--shares", action="store_true",
                    help="upload 3 secret shares per reading (for MPC processing) instead")
+    p.add_argument("--share-config", type=Path,
+                   help="share-mode TOML: declared field encodings, optional geo origin "
+                        "(default <home>/share-mode.toml; docs/processing.md)")
     p.set_defaults(func=_device_run)
 
     watch = subparsers.add_parser("watch", help="show decrypted live items of a twin")

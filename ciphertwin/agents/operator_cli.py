@@ -17,11 +17,14 @@ version that is not newer or jumps too far, and any node moved to another share 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
-from ciphertwin.agents.cli import _bus_for, _common, _home, _identity, _init
-from ciphertwin.agents.identity import load_public, read_private_file
+from ciphertwin.agents.cli_base import (
+    add_common, bus_for, home, identity, init_principal, iso_utc,
+)
+from ciphertwin.agents.identity import load_public
 from ciphertwin.config.settings import Deployment, load_deployment
 from ciphertwin.crypto.signing import VerifyKey
 from ciphertwin.errors import ValidationError
@@ -47,42 +50,37 @@ def add_operator_key_option(p: argparse.ArgumentParser) -> None:
 
 
 async def _publish_roster(args: argparse.Namespace) -> int:
-    from ciphertwin.agents.processing import fetch_roster
-    from ciphertwin.crypto import wire
-    from ciphertwin.crypto.kpcpre import PrePublicKey
-    from ciphertwin.mpc_nodes.cli import ENTRY_TAG
-    from ciphertwin.mpc_nodes.roster import RosterEntry
+    from ciphertwin.agents.processing import ProcessingTimeout, fetch_roster
+    from ciphertwin.mpc_nodes.entry_file import read_entry_file
     from ciphertwin.protocol.jobs import build_roster
 
-    me = _identity(args)
+    me = identity(args)
     if me.role != "operator":
         raise ValidationError(f"{me.name} is a {me.role}, not the operator: rosters are signed "
                               "with the key of `ciphertwin operator init`")
-    entries, pres = [], []
-    for path in args.entry:
-        f = wire.decode(read_private_file(path, 8192, require_private=False), ENTRY_TAG,
-                        ("entry", "pre"))  # public: node-signed entries
-        entries.append(RosterEntry.from_bytes(f.bytes("entry")))
-        pres.append(PrePublicKey.from_bytes(f.bytes("pre")))
-    order = sorted(range(len(entries)), key=lambda i: entries[i].index)
-    history = RosterHistory(me.signing.verify_key, _home(args) / ROSTER_STATE_FILE)
-    async with _bus_for(args, load_deployment(args.config)) as bus:
+    nodes = sorted((read_entry_file(path) for path in args.entry), key=lambda n: n.entry.index)
+    history = RosterHistory(me.signing.verify_key, home(args) / ROSTER_STATE_FILE)
+    async with bus_for(args, load_deployment(args.config)) as bus:
         try:  # the roster we replace: the bounds apply against it
             await fetch_roster(bus, history, timeout=args.wait)
-        except ValidationError:
+        except (ValidationError, ProcessingTimeout):
             pass  # none yet (or only refused ones): the operator's own history still applies
         version = args.version if args.version is not None else (history.version or 0) + 1
-        payload = build_roster(me.signing, [entries[i] for i in order],
-                               [pres[i] for i in order], version)
+        payload = build_roster(me.signing, [n.entry for n in nodes], [n.pre for n in nodes],
+                               version)
         history.accept(payload)  # refuses an old version, a jump or a moved node, unsent
         await bus.publish(bus.topics.config_nodes(), payload, retain=True)
-    print(f"roster v{version} published: {', '.join(entries[i].node_id for i in order)}")
+    print(f"roster v{version} published: {', '.join(n.entry.node_id for n in nodes)}")
+    for n in nodes:
+        print(f"  share {n.entry.index}: {n.entry.node_id} (key fingerprint "
+              f"{n.fingerprint})")
+    print(f"  signed {iso_utc(time.time())}; followers accept it once they pin this operator key")
     return 0
 
 
 def _init_operator(args: argparse.Namespace) -> int:
-    _init(args, "operator")
-    public = _home(args) / "public.key"
+    init_principal(args, "operator")
+    public = home(args) / "public.key"
     print(f"followers pin it with, in the deployment file:\n[processing]\n"
           f"operator_key = \"{public}\"")
     return 0
@@ -92,14 +90,14 @@ def register(subparsers: Any) -> None:
     op = subparsers.add_parser("operator", help="operator: the key that signs the node roster")
     sub = op.add_subparsers(dest="operator_command", metavar="ACTION", required=True)
     p = sub.add_parser("init", help="create the operator key (encrypted) and broker login")
-    _common(p)
+    add_common(p)
     p.add_argument("--broker-password-stdin", action="store_true")
     p.set_defaults(func=_init_operator)
     p = sub.add_parser("publish-roster", help="sign and publish the node roster (retained)")
-    _common(p)
+    add_common(p)
     p.add_argument("--entry", action="append", required=True, type=Path,
                    help="node entry file (three times)")
     p.add_argument("--version", type=int, help="default: one above the current roster")
-    p.add_argument("--wait", type=float, default=3.0,
+    p.add_argument("--wait", type=float, default=1.5,
                    help="seconds to wait for the current roster")
     p.set_defaults(func=_publish_roster)

@@ -99,7 +99,8 @@ def acl_for(principal: Principal, clients: Registry, topics: Topics) -> Acl:
         case Role.NODE:
             pub = [
                 t.filter("mpc", frm=me),
-                t.filter("results"),
+                t.filter("results", node=me),  # its own retained share only: no other node
+                                               # can overwrite or clear it
                 t.filter("job_status"),
                 t.query(me),
             ]

@@ -34,7 +34,7 @@ TEMPLATES: MappingProxyType[str, str] = MappingProxyType(
         "job_status": "jobs/{job}/status",
         "node_inputs": "nodes/{node}/inputs/{job}",
         "mpc": "mpc/{job}/{frm}/{to}",
-        "results": "receivers/{receiver}/results/{job}",
+        "results": "receivers/{receiver}/results/{job}/{node}",
         "config_nodes": "config/nodes",
         "token_revoked": "revocations/{owner}/{token}",
         "query": "queries/{principal}",
@@ -192,8 +192,10 @@ class Topics:
     def mpc(self, job: str, frm: str, to: str) -> str:
         return self.build("mpc", job=job, frm=frm, to=to)
 
-    def results(self, receiver: str, job: str) -> str:
-        return self.build("results", receiver=receiver, job=job)
+    def results(self, receiver: str, job: str, node: str) -> str:
+        """Node ``node``'s output share of ``job`` for ``receiver`` (retained: one topic per
+        node, so the three shares are all kept)."""
+        return self.build("results", receiver=receiver, job=job, node=node)
 
     def config_nodes(self) -> str:
         return self.build("config_nodes")

@@ -4,10 +4,12 @@ The cloud never opens anything here. For a job it:
 
 0. follows the node roster through a ``RosterHistory`` pinned to the operator key; without
    an operator key it follows none (so runs no job): the cloud must not pick the nodes;
-1. checks the request (function and parameters, roster known, each owner registered, owns
-   the twin, and holds a stored, unrevoked process token admitting the function class, the
-   receiver key, the current roster and (in its signed body) every requested twin — the nodes
-   check all of it again, the cloud only avoids useless work);
+1. checks the request at once (function and parameters, the epoch window, the declared field
+   encodings and that they fit the function) and pins it to the current roster; when it runs,
+   each owner registered, owns the twin, and holds a stored, unrevoked process token admitting
+   the pinned roster (checked first, so a pre-swap token says so), the function class, the
+   receiver key and (in its signed body) every requested twin — the nodes check all of it
+   again, the cloud only avoids useless work;
 2. plans from one grouped query (per twin, capsule and attribute set: count and size) which
    items each node i gets — those node i's grants admit (policy ``share:i AND <subset>``, so
    only share-i items pass), matched once per group — and fixes counts and batches;
@@ -18,7 +20,14 @@ The cloud never opens anything here. For a job it:
    batch k+1 while the nodes open batch k;
 4. keeps a retained status on ``jobs/{job}/status``: queued → reencrypting (progress) → sent →
    computing (round k of n, from the nodes' signed reports) → done, or failed with a reason
-   (a node refused, a node reported a failure, or a node went silent).
+   (a node refused, a node reported a failure, a node went silent — counted from the last
+   chunk sent or the last signed report of a job node, whichever is later: nodes report
+   ``opening`` progress, so a long opening is not silence — or the roster changed).
+
+Hot swap (M4): a job is pinned to the roster current when it was submitted, for its whole
+life. A new roster that replaces a node of a queued or running job's roster ends that job at
+once with the reason ("node roster changed to version 2 during the job: index 1 node1 ->
+node1b; re-grant processing and resubmit"); the nodes do the same on their side.
 """
 
 from __future__ import annotations
@@ -40,20 +49,19 @@ from ciphertwin.cloud_twin.trust import Rejected
 from ciphertwin.crypto import wire
 from ciphertwin.crypto.errors import TokenRejected
 from ciphertwin.crypto.signing import VerifyKey
-from ciphertwin.crypto.tokens import ProcessToken, verify_process_token
+from ciphertwin.crypto.tokens import ProcessToken, first_admitting, verify_process_token
 from ciphertwin.errors import CipherTwinError, ValidationError
-from ciphertwin.mpc_nodes.engine import expected_rounds
-from ciphertwin.mpc_nodes.functions import get_function
 from ciphertwin.protocol.jobs import (
     CHUNK_ITEMS,
     MAX_CHUNK_BYTES,
+    JobShape,
     NodeRoster,
     build_status,
-    default_bindings,
+    check_job_shape,
     unpack_params,
     verify_status,
 )
-from ciphertwin.protocol.roster_trust import NO_OPERATOR_KEY, RosterHistory
+from ciphertwin.protocol.roster_trust import NO_OPERATOR_KEY, RosterHistory, swap_reason
 from ciphertwin.supervise import spawn
 
 if TYPE_CHECKING:
@@ -81,8 +89,19 @@ class _Tracking:
     operator swaps the roster mid-job"""
     states: dict[int, str] = field(default_factory=dict)
     last_report: float = field(default_factory=time.monotonic)
+    """the last sign of life: a chunk sent, or a signed report of one of the job's nodes"""
     failure: str | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """set with ``failure``: wakes the stream out of a long re-encryption at once"""
+    closed: bool = False
+    """the final status is being published: a late node report must not overwrite it"""
+
+    def fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+        self.ended.set()
+        self.changed.set()
 
 
 GroupKey = tuple[str, bytes, tuple[str, ...]]  # (twin, capsule id, attributes)
@@ -128,6 +147,10 @@ class JobManager:
         self.roster: NodeRoster | None = None
         self._queue: asyncio.Queue[Envelope] = asyncio.Queue(1000)
         self._tracking: dict[str, _Tracking] = {}
+        self._pinned: dict[str, NodeRoster] = {}
+        """queued and running job -> the roster it was submitted under, for its whole life"""
+        self._ended: dict[str, str] = {}
+        """queued job -> why it will not run (its roster was swapped while it waited)"""
         self._task: asyncio.Task[None] | None = None
         self.timings: dict[str, dict[str, float]] = {}
         """job -> phase durations in seconds (reencrypt, publish, compute), for benchmarks."""
@@ -195,6 +218,17 @@ class JobManager:
             return
         self.roster = roster
         log.info("jobs.roster", version=roster.version, nodes=list(roster.node_ids))
+        for job, pinned in list(self._pinned.items()):
+            reason = swap_reason(pinned, roster)
+            if reason is None:
+                continue
+            log.warning("jobs.roster_swapped", job=job, reason=reason)
+            track = self._tracking.get(job)
+            if track is not None:
+                track.fail(reason)
+            elif job not in self._ended:
+                self._ended[job] = reason
+                await self._status(job, "failed", reason=reason)
 
     async def _on_submit(self, topic: str, payload: bytes, retain: bool) -> None:
         try:
@@ -205,12 +239,24 @@ class JobManager:
         if await self.cloud.store.get_kv(JOBS_NS, env["job"]) is not None:
             log.info("jobs.duplicate_ignored", job=env["job"])
             return
-        await self.cloud.store.put_kv(JOBS_NS, env["job"], b"queued")
-        await self._status(env["job"], "queued")
+        job = env["job"]
+        try:
+            _shape(env)
+        except CipherTwinError as exc:
+            reason = f"job refused: {exc}"[:256]
+            log.warning("jobs.submit_refused", job=job, reason=reason)
+            await self.cloud.store.put_kv(JOBS_NS, job, b"failed")
+            await self._status(job, "failed", reason=reason)
+            return
+        await self.cloud.store.put_kv(JOBS_NS, job, b"queued")
+        await self._status(job, "queued")
         try:
             self._queue.put_nowait(env)
         except asyncio.QueueFull:
-            await self._status(env["job"], "failed", reason="job queue is full")
+            await self._status(job, "failed", reason="job queue is full")
+            return
+        if self.roster is not None:
+            self._pinned[job] = self.roster
 
     async def _on_status(self, topic: str, payload: bytes, retain: bool) -> None:
         """Believe only signed reports of roster nodes about the job in flight."""
@@ -219,7 +265,7 @@ class JobManager:
         except CipherTwinError:
             return
         track = self._tracking.get(env["job"])
-        if track is None or env["by"] == "cloud":
+        if track is None or track.closed or env["by"] == "cloud":
             return
         index = track.roster.index_of(env["by"])
         if index is None:
@@ -231,9 +277,9 @@ class JobManager:
             return
         track.states[index] = env["state"]
         track.last_report = time.monotonic()
-        if env["state"] == "failed" and track.failure is None:
-            track.failure = env["reason"] or f"node {env['by']} failed"
-        elif env["state"] == "computing":
+        if env["state"] == "failed":
+            track.fail(env["reason"] or f"node {env['by']} failed")
+        elif env["state"] == "computing" and not track.closed:
             await self._status(env["job"], "computing", progress=env["progress"],
                                round_=env["round"], rounds=env["rounds"])
         track.changed.set()
@@ -250,57 +296,72 @@ class JobManager:
         while True:
             env = await self._queue.get()
             job = env["job"]
+            if self._ended.pop(job, None) is not None:
+                self._pinned.pop(job, None)
+                await self.cloud.store.put_kv(JOBS_NS, job, b"failed")
+                continue  # its roster was swapped while it waited: failed already
             try:
-                await self._run(env)
+                await self._run(env, self._pinned.get(job))
                 await self.cloud.store.put_kv(JOBS_NS, job, b"done")
             except (JobFailed, Rejected, CipherTwinError, ValueError) as exc:
                 reason = str(exc)[:256]
                 log.warning("jobs.failed", job=job, reason=reason)
+                self._close(job)
                 await self.cloud.store.put_kv(JOBS_NS, job, b"failed")
                 await self._status(job, "failed", reason=reason)
             except Exception as exc:
                 log.exception("jobs.crashed", job=job)
+                self._close(job)
                 await self._status(job, "failed", reason=f"internal error: {type(exc).__name__}")
             finally:
                 self._tracking.pop(job, None)
+                self._pinned.pop(job, None)
 
-    async def _run(self, env: Envelope) -> None:
+    async def _run(self, env: Envelope, roster: NodeRoster | None) -> None:
         job, t0 = env["job"], time.perf_counter()
-        roster = self.roster
         if roster is None:
             raise JobFailed("no node roster is known")
-        fn = get_function(env["function"])
-        params = unpack_params(env["params"])
-        fn.parse(params)
-        tokens = await self._check_owners(env, fn.function_class, roster)
+        self._tracking[job] = track = _Tracking(roster)  # from here a swap ends it (_on_roster)
+        shape = _shape(env)
+        tokens = await self._check_owners(env, shape.function.function_class, roster)
         twins = [(s["twin"], s["role"]) for s in env["inputs"]]
         if len({t for t, _ in twins}) != len(twins):
             raise JobFailed("a twin appears twice in the inputs")
         plan = await self._plan(env, roster, [t for t, _ in twins])
-        spec = self._spec(env, roster, params, twins, plan.counts, tokens)
+        spec = self._spec(env, roster, shape, twins, plan.counts, tokens)
         t1 = time.perf_counter()
-        self._tracking[job] = track = _Tracking(roster)
+        if track.failure is not None:
+            raise JobFailed(track.failure)
         waited, published = await self._stream(job, env, roster, plan, spec, track)
         t2 = time.perf_counter()
-        await self._status(job, "sent", progress=0.0,
-                           rounds=expected_rounds(env["function"], params))
-        track.last_report = time.monotonic()  # streaming may take long; silence counts from now
+        await self._status(job, "sent", progress=0.0)
+        # streaming may take long, and the nodes may still be opening: silence counts from
+        # the last chunk, and every signed report of a job node (opening progress) restarts it
+        track.last_report = time.monotonic()
         await self._await_nodes(job, track)
         self.timings[job] = {"plan_s": t1 - t0, "reencrypt_s": t1 - t0 + waited,
                              "publish_s": published, "stream_s": t2 - t1,
                              "compute_s": time.perf_counter() - t2}
+        self._close(job)
         await self._status(job, "done", progress=1.0)
         log.info("jobs.done", job=job, **self.timings[job])
 
-    def _spec(self, env: Envelope, roster: NodeRoster, params: dict[str, Any],
+    def _close(self, job: str) -> None:
+        """From now on only the final status is published for ``job`` (retained: it stays)."""
+        track = self._tracking.get(job)
+        if track is not None:
+            track.closed = True
+
+    def _spec(self, env: Envelope, roster: NodeRoster, shape: JobShape,
               twins: Sequence[tuple[str, str]], counts: dict[str, int],
               tokens: list[bytes]) -> bytes:
         owner_of = {s["twin"]: s["owner"] for s in env["inputs"]}
         return encode("job_spec", {
             "job": env["job"], "function": env["function"], "params": env["params"],
             "receiver": env["receiver"], "receiver_key": env["receiver_key"],
-            "roster": roster.digest, "points": env["points"],
-            "bindings": default_bindings(env["function"], params),
+            "roster": roster.digest, "points": env["points"], "bindings": shape.bindings,
+            "since": env["since"], "until": env["until"], "epoch_s": env["epoch_s"],
+            "fields": {f: e.as_dict() for f, e in shape.encodings.items()},
             "twins": [{"twin": t, "role": r, "count": counts.get(t, 0),
                        "owner_key": self.cloud.trust.owners[owner_of[t]].verify_key.raw}
                       for t, r in twins],
@@ -322,22 +383,19 @@ class JobManager:
                 o = self.cloud.trust.owner_of_twin(twin)
                 if o is None or o.name != owner:
                     raise JobFailed(f"twin {twin} is not a twin of {owner}")
-            reason = "no process token"
-            for token in stored.get(owner, []):
-                try:
-                    verify_process_token(token, token.issuer, function_class=function_class,
-                                         receiver=env["receiver_key"], roster=roster.digest,
-                                         leeway_s=60)
-                except TokenRejected as exc:
-                    reason = exc.reason
-                    continue
+
+            def admits(token: ProcessToken, mine: list[str] = mine) -> None:
+                verify_process_token(token, token.issuer, function_class=function_class,
+                                     receiver=env["receiver_key"], roster=roster.digest,
+                                     leeway_s=60)
                 if not set(mine) <= set(token.twins):
-                    reason = "token does not cover all requested twins"
-                    continue
-                chosen.append(token.to_bytes())
-                break
-            else:
-                raise JobFailed(f"owner {owner}: {reason} for this job")
+                    raise TokenRejected("twin-not-covered",
+                                        "token does not cover all requested twins")
+
+            token, reason = first_admitting(stored.get(owner, []), admits)
+            if token is None:
+                raise JobFailed(f"owner {owner}: {reason}")
+            chosen.append(token.to_bytes())
         return chosen
 
     # -- planning: what each node gets, fixed before any re-encryption -------------------
@@ -395,7 +453,8 @@ class JobManager:
         try:
             for b, (twins, k) in enumerate(plan.batches):
                 t = time.perf_counter()
-                entries = await (nxt or self._prepare(env, plan, twins))
+                entries = await _unless_ended(
+                    nxt or asyncio.create_task(self._prepare(env, plan, twins)), track)
                 waited += time.perf_counter() - t
                 nxt = (asyncio.create_task(self._prepare(env, plan, plan.batches[b + 1][0]))
                        if b + 1 < len(plan.batches) else None)
@@ -472,6 +531,26 @@ class JobManager:
                 silent = sorted(set(range(3)) - {i for i, s in track.states.items()
                                                  if s == "delivered"})
                 raise JobFailed(f"node(s) {silent} silent for {self.node_timeout_s:.0f} s")
+
+
+def _shape(env: Envelope) -> JobShape:
+    """The submitted job's function, parameters, window and encodings, checked."""
+    return check_job_shape(env["function"], unpack_params(env["params"]), env["fields"],
+                           env["since"], env["until"], env["epoch_s"])
+
+
+async def _unless_ended(task: asyncio.Task[Any], track: _Tracking) -> Any:
+    """``task``'s result, or JobFailed as soon as the job is ended (``task`` is cancelled)."""
+    ended = asyncio.create_task(track.ended.wait())
+    try:
+        await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ended.cancel()
+    if track.failure is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise JobFailed(track.failure)
+    return task.result()
 
 
 def _batches(twins: Sequence[str], sizes: Sequence[dict[str, list[int]]]

@@ -56,6 +56,17 @@ def _fsync_dir(directory: Path) -> None:
 def read_private_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES,
                       require_private: bool = True) -> bytes:
     """Read a regular file (no symlink), refusing one that group/others could read or write."""
+    return _read_regular(path, max_bytes, 0o077 if require_private else 0, "read or change")
+
+
+def read_public_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """Read a regular file (no symlink) anyone may read, refusing one group/others could change
+    (public keys and node entries: readable by all, replaceable only by their owner)."""
+    return _read_regular(path, max_bytes, 0o022, "change")
+
+
+def _read_regular(path: str | os.PathLike[str], max_bytes: int, forbidden: int,
+                  what: str) -> bytes:
     path = Path(path)
     try:
         # O_NONBLOCK: a FIFO planted in place of a key file must not hang us
@@ -68,10 +79,10 @@ def read_private_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BY
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ValidationError(f"{path}: not a regular file")
-        if require_private and st.st_mode & 0o077:
+        if st.st_mode & forbidden:
             raise ValidationError(
-                f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, which lets other users read "
-                f"or change it; run: chmod 600 {path}"
+                f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, which lets other users {what} "
+                f"it; run: chmod {0o666 & ~forbidden & 0o666:o} {path}"
             )
         if st.st_size > max_bytes:
             raise ValidationError(f"{path}: {st.st_size} bytes, limit is {max_bytes}")

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -233,6 +233,10 @@ def verify_write_token(
 # --- process tokens ----------------------------------------------------------------------
 
 
+ROSTER_MISMATCH = "roster-mismatch"
+"""``TokenRejected.reason`` of a token issued for another node set (e.g. before a hot swap)"""
+
+
 def roster_digest(node_keys: Sequence[bytes]) -> bytes:
     """SHA-256 over the ordered node keys: names the node set (index i = share i)."""
     keys = _clean_bytes_list(node_keys, "node_keys")
@@ -378,20 +382,49 @@ def verify_process_token(
     now: datetime | int | float | None = None,
     leeway_s: int = 0,
 ) -> ProcessToken:
-    """Check signature, issuer, window and (if given) function class, receiver and roster."""
+    """Check signature, issuer, window and (if given) roster, node, function class, receiver.
+
+    The roster comes first: a token issued before a hot swap (M4) fails with a reason that
+    says so — whatever else about it would also not fit this job."""
     if not isinstance(token, ProcessToken):
         raise ValidationError("expected a ProcessToken")
     _verify_signature(token.TAG, token.body(), token.issuer, token.signature, owner_key)
     _check_time(token.not_before, token.not_after, now, leeway_s)
+    if roster is not None and bytes(roster) != token.roster:
+        raise TokenRejected(ROSTER_MISMATCH, (
+            f"token was issued for another node roster ({token.roster.hex()[:12]}, the job's "
+            f"is {bytes(roster).hex()[:12]}): the nodes changed since processing was granted; "
+            "re-grant processing"))
+    if node_key is not None and bytes(node_key) not in token.node_keys:
+        raise TokenRejected("node-not-in-roster")
     if function_class is not None and function_class not in token.function_classes:
         raise TokenRejected("function-class-not-allowed", repr(function_class))
     if receiver is not None and bytes(receiver) not in token.receivers:
         raise TokenRejected("receiver-not-authorised")
-    if roster is not None and bytes(roster) != token.roster:
-        raise TokenRejected("roster-mismatch", "job uses another node set")
-    if node_key is not None and bytes(node_key) not in token.node_keys:
-        raise TokenRejected("node-not-in-roster")
     return token
+
+
+def first_admitting(tokens: Iterable[ProcessToken], check: Callable[[ProcessToken], object],
+                    ) -> tuple[ProcessToken | None, str]:
+    """(first token ``check`` accepts, "") or (None, the most telling refusal).
+
+    ``check`` raises :class:`TokenRejected` (or ValidationError). A refusal of a token issued
+    for the job's roster says more than "issued for another roster" (an owner may hold both
+    a pre-swap token and a current one for other functions); with no token at all the reason
+    is "no process token"."""
+    reason, roster_reason = "", ""
+    for token in tokens:
+        try:
+            check(token)
+            return token, ""
+        except TokenRejected as exc:
+            if exc.reason == ROSTER_MISMATCH:
+                roster_reason = roster_reason or str(exc)
+            else:
+                reason = str(exc)
+        except ValidationError as exc:
+            reason = f"process token malformed: {exc}"
+    return None, reason or roster_reason or "no process token"
 
 
 wire.register(WriteToken.TAG, WriteToken.from_bytes)

@@ -3,42 +3,47 @@
 One process hosts everything as asyncio tasks — broker (embedded, unless an external one is
 given), cloud (:class:`CloudTwin`, re-encrypting on its process pool), three processing nodes
 (opening inputs on a shared process pool), a receiver, and N simulated phones, each with its
-owner: the owner grants processing (2+), the phone splits every location point into three
-shares and uploads them sealed under its key epochs (3+), the receiver submits a job and
-opens the result (6+). Every message crosses the broker; nodes talk only over encrypted MQTT
-frames. Network delay: ``rtt_ms`` makes the MPC transport hold every node-to-node frame for
+owner: the owner grants processing (2+), the phone encodes every reading as declared
+(x, y: 1/16 m within ±50 km, in plain metres or projected from lat/lon around an origin),
+splits it into three shares and uploads them at the reading's own time, sealed under its key
+epochs (3+); the receiver submits a job over a time window and opens the result (6+), which
+is checked against the plaintext reference from the definition (:mod:`demo.plaintext`).
+Readings are placed in clock-aligned epochs by their time, so gaps, duplicates, unsorted
+uploads and users without readings are counted right; user ids come back as given.
+Every message crosses the broker; nodes talk only over encrypted MQTT frames. Network delay: ``rtt_ms`` makes the MPC transport hold every node-to-node frame for
 rtt/2 (the bus-layer delay of ``ciphertwin.mpc_nodes.transport``); no ``tc netem`` is used.
 """
 
 from __future__ import annotations
 
 import asyncio
-import csv
+import dataclasses
+import hashlib
 import math
 import os
-import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 
 from ciphertwin.agents.processing import (
+    JobResult,
     ResultReceiver,
     follow_status,
     grant_processing,
     new_job_id,
     submit_job,
 )
-from ciphertwin.agents.share_mode import share_items
+from ciphertwin.agents.share_mode import ShareMode
 from ciphertwin.broker.embedded import EmbeddedBroker
 from ciphertwin.bus.client import BusClient
 from ciphertwin.bus.envelope import decode
+from ciphertwin.bus.topics import ID_PATTERN
 from ciphertwin.cloud_twin.reencryption import ReencryptionPool
 from ciphertwin.cloud_twin.service import CloudTwin
 from ciphertwin.cloud_twin.store import SqliteTwinStore
@@ -47,134 +52,94 @@ from ciphertwin.crypto.hpke import X25519KeyPair
 from ciphertwin.crypto.kpcpre import PreKeyPair
 from ciphertwin.crypto.signing import SigningKey
 from ciphertwin.crypto.tokens import issue_write_token
-from ciphertwin.mpc_nodes.functions import get_function
-from ciphertwin.mpc_nodes.roster import NodeIdentity
+from ciphertwin.demo import plaintext
+from ciphertwin.demo.paths import POINT_INTERVAL_S, Paths, Reading, iso, load_paths, random_paths
+from ciphertwin.errors import ValidationError
 from ciphertwin.mpc_nodes.ledger import NodeLedger
+from ciphertwin.mpc_nodes.roster import NodeIdentity
 from ciphertwin.mpc_nodes.service import ProcessingNode
 from ciphertwin.protocol import share_open
 from ciphertwin.protocol.control import build_control, control_request_id
 from ciphertwin.protocol.items import DeviceCredentials, build_item
-from ciphertwin.protocol.jobs import build_roster
+from ciphertwin.protocol.job_epochs import DEFAULT_EPOCH_S, FieldEncoding
+from ciphertwin.protocol.jobs import DEFAULT_FIELDS, build_roster
 from ciphertwin.protocol.roster_trust import ShareIndexBook
 from ciphertwin.workers import worker_pool
 
+__all__ = ["Paths", "random_paths", "load_paths", "plaintext_reference", "prepare", "process",
+           "start_world", "add_owners", "epoch_policy", "job_inputs", "run_demo",
+           "format_report", "coordinate_encoding"]
+
 log = structlog.get_logger(__name__)
 
-FRAC_BITS = 4  # coordinates in 1/16 m
-COORD_BITS, EPOCH_BITS = 24, 16
-POINT_INTERVAL_S = 60
 PAPER = {"sync_ms_per_user": 7672.0, "processing_ms_per_user": 7564.0,
          "processing_constant_ms": 12400.0, "mpc_ms_per_user": 6530.0}
 WRITE_ATTRS = ["share:*", "type:*", "twin:*", "year:*", "month:*", "day:*", "hour:*"]
+REF_TWIN = "ref-path"
+MAX_PLAUSIBLE_AGE_S = 366 * 86400  # the cloud refuses items further than this from now
+MAX_SUBSET_DAYS = 31
+MAX_ROWS_SHOWN = 20
 
 
-@dataclass
-class Paths:
-    """Plaintext paths: per user a list of (epoch, x, y) in metres; one reference path."""
-
-    users: dict[str, list[tuple[int, float, float]]]
-    reference: list[tuple[int, float, float]]
-
-    @property
-    def points(self) -> int:
-        return max([len(p) for p in self.users.values()] + [len(self.reference)])
+def coordinate_encoding(unit: str = "m") -> FieldEncoding:
+    """The declared encoding of x and y: the CLI default (1/16 m within ±50 km,
+    ``DEFAULT_FIELDS``) in the paths' frame (``unit``)."""
+    return dataclasses.replace(DEFAULT_FIELDS["contact_tracing"]["x"], unit=unit)
 
 
-def random_paths(users: int, points: int, radius: float, seed: int | None = None) -> Paths:
-    """Random walks; about a third of the users shadow the reference for a stretch."""
-    rng = random.Random(seed)  # simulation data, not key material
-    base = 600
-    ref, x, y = [], rng.uniform(0, 2000), rng.uniform(0, 2000)
-    for j in range(points):
-        x, y = x + rng.gauss(0, 15), y + rng.gauss(0, 15)
-        ref.append((base + j, round(x, 2), round(y, 2)))
-    out: dict[str, list[tuple[int, float, float]]] = {}
-    for u in range(users):
-        px, py = rng.uniform(0, 2000), rng.uniform(0, 2000)
-        start, length = rng.randrange(points), rng.randrange(1, points + 1)
-        near = u % 3 == 0
-        path = []
-        for j in range(points):
-            if near and start <= j < start + length:
-                _, rx, ry = ref[j]
-                px, py = rx + rng.uniform(-1.5, 1.5) * radius, ry + rng.uniform(-1.5, 1.5) * radius
-            else:
-                px, py = px + rng.gauss(0, 15), py + rng.gauss(0, 15)
-            path.append((base + j, round(px, 2), round(py, 2)))
-        out[f"u{u:05d}"] = path
-    return Paths(out, ref)
+def _params(radius: float, encoding: FieldEncoding | None = None,
+            window: int = 0) -> dict[str, int]:
+    """Job parameters: the radius in encoded units, the coordinate bound the encoding gives,
+    and the ±``window`` epochs a contact may be apart (only sent when not 0)."""
+    enc = encoding or coordinate_encoding()
+    params = {"radius": max(1, round(radius * (1 << enc.frac))),
+              "coord_bits": max(1, enc.bound.bit_length())}
+    return params | ({"window": window} if window else {})
 
 
-def load_paths(paths_csv: Path, reference_csv: Path) -> Paths:
-    """``user,epoch,x,y`` and ``epoch,x,y`` CSV files (header optional; decimal metres)."""
-    users: dict[str, list[tuple[int, float, float]]] = {}
-    for row in _csv_rows(paths_csv, 4):
-        users.setdefault(_user_id(row[0]), []).append((int(row[1]), float(row[2]), float(row[3])))
-    ref = [(int(r[0]), float(r[1]), float(r[2])) for r in _csv_rows(reference_csv, 3)]
-    if not users or not ref:
-        raise ValueError("paths and reference must not be empty")
-    return Paths(users, sorted(ref))
+def _fields(encoding: FieldEncoding) -> dict[str, dict[str, Any]]:
+    return {"x": encoding.as_dict(), "y": encoding.as_dict()}
 
 
-def _csv_rows(path: Path, width: int) -> list[list[str]]:
-    rows = [r for r in csv.reader(path.open()) if r and len(r) == width]
-    if rows and not _is_number(rows[0][-1]):
-        rows = rows[1:]
-    return rows
+def job_window(paths: Paths, epoch_s: int = DEFAULT_EPOCH_S) -> tuple[float, float]:
+    """[since, until): from the start of the first reading's epoch to the end of the last's."""
+    lo, hi = paths.span()
+    return float(math.floor(lo / epoch_s) * epoch_s), float((math.floor(hi / epoch_s) + 1) * epoch_s)
 
 
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
+def plaintext_reference(paths: Paths, radius: float, *, since: float | None = None,
+                        until: float | None = None, epoch_s: int = DEFAULT_EPOCH_S,
+                        window: int = 0) -> dict[str, int]:
+    """Per user id (verbatim), the contact count by the definition (:mod:`demo.plaintext`)."""
+    lo, hi = job_window(paths, epoch_s)
+    enc = coordinate_encoding(paths.unit)
+
+    def metric(path: Sequence[Reading]) -> list[tuple[float, float, float]]:
+        return [(r[0], *paths.metres(r)) for r in path]
+
+    return plaintext.contact_tracing(
+        {u: metric(p) for u, p in paths.users.items()}, metric(paths.reference),
+        encoding=enc, radius=_params(radius, enc)["radius"],
+        since=lo if since is None else since, until=hi if until is None else until,
+        epoch_s=epoch_s, window=window)
 
 
-def _user_id(raw: str) -> str:
-    clean = "".join(c if c.isalnum() or c in "_.-" else "_" for c in raw.strip())[:60]
-    return f"u{clean}" if clean else "u_"
+def twin_ids(users: Sequence[str]) -> dict[str, str]:
+    """user id → twin id: the id itself when it is a valid twin id, else a stable hash.
 
-
-def plaintext_reference(paths: Paths, radius: float) -> dict[str, int]:
-    """Per user, epochs within radius of the reference — with the same fixed-point rounding."""
-    fn = get_function("contact_tracing")
-    p = fn.parse(_params(radius))
-    users = sorted(paths.users)
-    arrays = _plain_arrays(paths, users, p)
-    counts = fn.reference(p, arrays)
-    return {u: int(c) for u, c in zip(users, counts, strict=True)}
-
-
-def _fixed(v: float) -> int:
-    return round(v * (1 << FRAC_BITS))
-
-
-def _plain_arrays(paths: Paths, users: Sequence[str], p: Any) -> dict[str, np.ndarray]:
-    n = paths.points
-    far = (1 << EPOCH_BITS) - 1
-
-    def cols(path: list[tuple[int, float, float]], pad: int) -> tuple[list[int], ...]:
-        pts = sorted(path)
-        e = [pt[0] for pt in pts] + [pad] * (n - len(pts))
-        x = [_fixed(pt[1]) for pt in pts] + [0] * (n - len(pts))
-        y = [_fixed(pt[2]) for pt in pts] + [0] * (n - len(pts))
-        return e, x, y
-
-    ue, ux, uy = zip(*(cols(paths.users[u], -far) for u in users), strict=True)
-    re_, rx, ry = cols(paths.reference, far)
-    as_ring = lambda a: np.array(a, dtype=np.int64).astype(np.uint64)
-    return {"user_epoch": as_ring(ue), "user_x": as_ring(ux), "user_y": as_ring(uy),
-            "ref_epoch": as_ring(re_), "ref_x": as_ring(rx), "ref_y": as_ring(ry)}
-
-
-def _params(radius: float) -> dict[str, int]:
-    return {"radius": max(1, round(radius * (1 << FRAC_BITS))), "coord_bits": COORD_BITS,
-            "epoch_bits": EPOCH_BITS}
+    Results are keyed by twin id on the bus and mapped back, so a user always sees the ids
+    they gave (``user-000`` stays ``user-000``; ``Zoë Müller`` comes back as itself)."""
+    out = {}
+    for u in users:
+        ok = ID_PATTERN.fullmatch(u) and len(u) <= 63 and u != REF_TWIN
+        out[u] = u if ok else "h-" + hashlib.sha256(u.encode()).hexdigest()[:24]
+    if len(set(out.values())) != len(out):
+        raise ValidationError("two user ids map to the same twin id; rename one")
+    return out
 
 
 def epoch_policy(points: int, key_epochs: int) -> KeyEpochPolicy:
-    """Key epoch length giving ``key_epochs`` data keys over ``points`` one-minute points."""
+    """Key epoch length giving ``key_epochs`` data keys over ``points`` minutes of readings."""
     if key_epochs <= 1:
         return KeyEpochPolicy("day")
     return KeyEpochPolicy("seconds", POINT_INTERVAL_S * math.ceil(points / key_epochs))
@@ -192,6 +157,10 @@ class Phone:
     keys: DataKeyManager
     granted: ShareIndexBook = field(default_factory=ShareIndexBook)
     """which node keys this owner gave which share (never a second index to one node)"""
+    mode: ShareMode | None = None
+    """the phone's share mode (declared encodings, geo frame), set by :func:`prepare`"""
+    seq: int = 0
+    """the last sequence number used (a phone may upload again later)"""
 
 
 @dataclass
@@ -211,6 +180,8 @@ class World:
     stack: AsyncExitStack
     node_tasks: dict[int, AsyncExitStack] = field(default_factory=dict)
     phones: dict[str, Phone] = field(default_factory=dict)
+    twins: dict[str, str] = field(default_factory=dict)
+    """user id -> twin id (see :func:`twin_ids`)"""
 
     def client(self, name: str) -> BusClient:
         return BusClient(self.host, self.port, client_id=f"{name}-{os.urandom(3).hex()}",
@@ -297,29 +268,49 @@ async def _add_owner(world: World, user: str, policy: KeyEpochPolicy, bus: BusCl
                               bus.topics.replies(owner, rid), timeout=60)
     if not decode(reply, "control_result")["ok"]:
         raise RuntimeError(f"owner {owner} was not registered")
+    not_before = int(since) - 3600  # the nodes check it at each item's time, the cloud now
     token = issue_write_token(sig, user, dev.verify_key, WRITE_ATTRS, device=f"d{user}",
-                              not_before=int(since) - 3600, valid_for_s=7 * 86400)
+                              not_before=not_before,
+                              valid_for_s=max(7 * 86400, int(time.time()) + 7 * 86400 - not_before))
     world.phones[user] = Phone(user, owner, pre, sig,
                                DeviceCredentials(user, f"d{user}", dev, token.to_bytes()),
                                DataKeyManager(pre.public, policy, max_open_epochs=256))
 
 
-def phone_items(phone: Phone, path: Sequence[tuple[int, float, float]], t0: float,
+ANNOUNCE_BEFORE_S = 60
+"""A user without readings still has a twin: the cloud learns which owner a twin belongs to
+from its first stored item, and refuses a job naming a twin it has never seen. So the phone of
+a user without readings uploads one reading this long *before* the job window — it is not
+part of the job (nor of the plaintext reference); the user's count stays 0."""
+
+
+def _announcement(paths: Paths, t: float) -> dict[str, Any]:
+    origin = (paths.geo.lat0, paths.geo.lon0) if paths.geo is not None else (0.0, 0.0)
+    return location_readings(paths, [(t, *origin)])[0]
+
+
+def location_readings(paths: Paths, path: Sequence[Reading]) -> list[dict[str, Any]]:
+    """A path as the readings a phone's sensor gives: lat/lon (projected by the phone's share
+    mode) or x/y metres, at their own times, in the order given."""
+    names = ("lat", "lon") if paths.geo is not None else ("x", "y")
+    return [{"type": "location", "time": t, "values": dict(zip(names, (a, b), strict=True))}
+            for t, a, b in path]
+
+
+def phone_items(phone: Phone, readings: Sequence[Mapping[str, Any]], mode: ShareMode,
                 record: list[dict[str, Any]] | None = None) -> list[bytes]:
-    """What a phone does for its points (3+): split, seal per key epoch, sign.
+    """What a phone does for its readings (3+): encode as declared, split, seal per key
+    epoch, sign — in the order the readings came.
 
     ``record`` (tests) receives every share reading, to prove none reaches the cloud.
     """
-    out, seq = [], 0
-    for epoch, x, y in sorted(path):
-        reading = {"type": "location", "time": t0 + (epoch - path[0][0]) * POINT_INTERVAL_S,
-                   "values": {"epoch": epoch, "x": x, "y": y}}
-        for share_reading, attrs in share_items(reading, (f"twin:{phone.user}",),
-                                                frac_bits={"x": FRAC_BITS, "y": FRAC_BITS}):
-            seq += 1
-            if record is not None:
-                record.append(share_reading)
-            out.append(build_item(phone.creds, phone.keys, seq, share_reading, attrs))
+    shares = [s for reading in readings for s in mode(reading, (f"twin:{phone.user}",))]
+    out = []
+    for share_reading, attrs in shares:  # nothing is sealed unless every reading encoded
+        phone.seq += 1
+        if record is not None:
+            record.append(share_reading)
+        out.append(build_item(phone.creds, phone.keys, phone.seq, share_reading, attrs))
     return out
 
 
@@ -332,16 +323,16 @@ RESEND_AFTER_S = 15.0
 MAX_STALLS = 8
 
 
-async def sync_phones(world: World, paths: dict[str, list[tuple[int, float, float]]],
-                      t0: float, bus: BusClient,
+async def sync_phones(world: World, readings: Mapping[str, Sequence[Mapping[str, Any]]],
+                      bus: BusClient,
                       record: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """Every phone uploads its share items; returns when the cloud acknowledged all of them.
 
     Like the device agent: a bounded window of unacknowledged items, resent in order after a
     silence, and a refusal by the cloud is an error (the demo's inputs would be incomplete).
     """
-    acked: dict[str, set[int]] = {u: set() for u in paths}
-    unacked: dict[str, list[bytes]] = {}  # phones with items in flight -> all their items
+    acked: dict[str, set[int]] = {u: set() for u in readings}
+    unacked: dict[str, dict[int, bytes]] = {}  # phones with items in flight -> {seq: item}
     refused: list[str] = []
     progress = asyncio.Event()
 
@@ -358,9 +349,9 @@ async def sync_phones(world: World, paths: dict[str, list[tuple[int, float, floa
         progress.set()
 
     def in_flight() -> int:
-        for user in [u for u, items in unacked.items() if len(acked[u]) >= len(items)]:
+        for user in [u for u, items in unacked.items() if items.keys() <= acked[u]]:
             del unacked[user]
-        return sum(len(items) - len(acked[u]) for u, items in unacked.items())
+        return sum(len(items.keys() - acked[u]) for u, items in unacked.items())
 
     async def publish(user: str, items: Sequence[bytes]) -> None:
         topic = bus.topics.twin_data(user)
@@ -380,18 +371,24 @@ async def sync_phones(world: World, paths: dict[str, list[tuple[int, float, floa
                                        f"{stalls * RESEND_AFTER_S:.0f} s") from None
                 log.warning("demo.sync_resend", phones=len(unacked), items=in_flight())
                 for user, items in list(unacked.items()):
-                    await publish(user, [it for seq, it in enumerate(items, 1)
+                    await publish(user, [it for seq, it in items.items()
                                          if seq not in acked[user]])
 
     await bus.subscribe(bus.topics.filter("ack"), on_ack)
     build_s = 0.0
     t_start = time.perf_counter()
-    for user, path in paths.items():
+    for user, its in readings.items():
+        if not its:
+            continue  # a user without readings uploads nothing
+        phone = world.phones[user]
+        if phone.mode is None:
+            raise ValidationError(f"phone {user} has no share mode")
         b0 = time.perf_counter()
-        items = phone_items(world.phones[user], path, t0, record)
+        first = phone.seq + 1
+        items = phone_items(phone, its, phone.mode, record)
         build_s += time.perf_counter() - b0
         await wait_for_room(max(0, SYNC_WINDOW - len(items)))
-        unacked[user] = items
+        unacked[user] = dict(enumerate(items, first))
         await publish(user, items)
     await wait_for_room(0)
     wall = time.perf_counter() - t_start
@@ -402,13 +399,40 @@ async def sync_phones(world: World, paths: dict[str, list[tuple[int, float, floa
 
 
 def aligned_start(policy: KeyEpochPolicy, points: int) -> float:
-    """Yesterday, at a key-epoch boundary, so the points fill exactly the intended epochs."""
+    """Yesterday, at a key-epoch boundary, so ``points`` one-minute readings fill exactly the
+    intended key epochs (simulated paths start here)."""
     day = (int(time.time()) // 86400 - 1) * 86400
     step = policy.seconds or 86400
     start = -(-day // step) * step
     if start + points * POINT_INTERVAL_S > day + 86400:
         raise ValueError("points do not fit into one day")
     return float(start)
+
+
+def check_recent(paths: Paths, now: float | None = None) -> None:
+    """The cloud refuses items more than 366 days from now: say so before uploading."""
+    lo, hi = paths.span()
+    now = time.time() if now is None else now
+    if now - lo > MAX_PLAUSIBLE_AGE_S or hi - now > MAX_PLAUSIBLE_AGE_S:
+        raise ValidationError(
+            f"readings span {iso(lo)} .. {iso(hi)}; the cloud accepts items within 366 days of "
+            "now — replay old data with --replay (moves every reading by whole days)")
+
+
+def replay_shift(paths: Paths, now: float | None = None) -> float:
+    """Whole days that move the last reading into the last 24 hours (time of day kept)."""
+    now = time.time() if now is None else now
+    return math.floor((now - paths.span()[1]) / 86400) * 86400.0
+
+
+def _subset(since: float, until: float) -> str:
+    """The grants' data subset: location readings of the days the window touches."""
+    days = sorted({time.strftime("%Y-%m-%d", time.gmtime(t))
+                   for t in range(int(since), int(until), 86400)} |
+                  {time.strftime("%Y-%m-%d", time.gmtime(until - 1))})
+    if len(days) > MAX_SUBSET_DAYS:
+        return "type:location"
+    return "type:location AND (" + " OR ".join(f"day:{d}" for d in days) + ")"
 
 
 @dataclass
@@ -421,66 +445,124 @@ class Report:
     timings: dict[str, float]
     rtt_ms: float
     broker: str
+    since: float = 0.0
+    until: float = 0.0
+    epoch_s: int = DEFAULT_EPOCH_S
+    unit: str = "m"
+    notes: list[str] = field(default_factory=list)
+    window: int = 0
 
     @property
     def checked(self) -> bool:
         return self.results == self.expected
 
+    @property
+    def mismatches(self) -> list[str]:
+        return sorted(u for u in self.expected.keys() | self.results.keys()
+                      if self.results.get(u) != self.expected.get(u))
+
     def as_json(self) -> dict[str, Any]:
         return {"results": self.results, "timings": self.timings,
-                "checked_against_plaintext": self.checked,
+                "checked_against_plaintext": self.checked, "mismatches": self.mismatches,
+                "window": {"since": iso(self.since), "until": iso(self.until),
+                           "epoch_s": self.epoch_s, "contact_window_epochs": self.window},
                 "parameters": {"users": self.users, "points": self.points,
                                "key_epochs": self.key_epochs, "rtt_ms": self.rtt_ms,
+                               "unit": self.unit,
                                "network_delay": "bus-layer delay in the MPC transport (rtt/2 per frame)"
                                if self.rtt_ms else "none", "broker": self.broker},
-                "paper": PAPER}
+                "notes": self.notes, "paper": PAPER}
+
+
+async def permit_all(w: World, twins: Sequence[str], subset: str, function_classes: Sequence[str],
+                     bus: BusClient, *, limits: Mapping[str, int] | None = None) -> float:
+    """2+ for every twin's owner, concurrently; returns the seconds it took."""
+    p0 = time.perf_counter()
+    sem = asyncio.Semaphore(32)
+
+    async def one(twin: str) -> None:
+        phone = w.phones[twin]
+        async with sem:  # owners grant concurrently; each owner's messages stay in order
+            await grant_processing(bus, phone.owner, phone.owner_pre, phone.owner_sig,
+                                   w.roster, [twin], subset, granted=phone.granted,
+                                   function_classes=list(function_classes),
+                                   receiver_keys=[w.receiver_key.public_bytes],
+                                   limits=dict(limits) if limits else None, timeout=120)
+
+    await asyncio.gather(*(one(t) for t in twins))
+    return time.perf_counter() - p0
 
 
 async def prepare(w: World, paths: Paths, key_epochs: int, owners_bus: BusClient,
                   phones_bus: BusClient, *, limits: dict[str, int] | None = None,
                   record: list[dict[str, Any]] | None = None) -> tuple[float, dict[str, float]]:
-    """Owners and phones for every path; 2+ (grants, tokens) and 3+ (share upload)."""
-    policy = epoch_policy(paths.points, key_epochs)
-    t0 = aligned_start(policy, paths.points)
-    all_paths = {**paths.users, "ref-path": paths.reference}
+    """Owners and phones for every path; 2+ (grants, tokens) and 3+ (share upload).
+
+    Returns (start of the job window, timings). Readings go up at their own times, in the
+    order given; users without readings are registered and permitted but upload nothing.
+    """
+    since, until = job_window(paths)
+    policy = epoch_policy(math.ceil((until - since) / POINT_INTERVAL_S), key_epochs)
+    w.twins.update(twin_ids(list(paths.users)))
+    mode = ShareMode({"x": coordinate_encoding(paths.unit), "y": coordinate_encoding(paths.unit)},
+                     paths.geo)
+    readings = {w.twins[u]: location_readings(paths, p) for u, p in paths.users.items()}
+    readings[REF_TWIN] = location_readings(paths, paths.reference)
+    for twin, its in readings.items():
+        if not its:  # the cloud knows a twin from its first upload (see ANNOUNCE_BEFORE_S)
+            its.append(_announcement(paths, since - ANNOUNCE_BEFORE_S))
     # one standing subscription for every owner's control replies (no per-request subscribe)
     await owners_bus.subscribe(owners_bus.topics.filter("replies"), None)
-    await add_owners(w, list(all_paths), policy, owners_bus, t0)
-    day = time.strftime("%Y-%m-%d", time.gmtime(t0))
-    subset = f"type:location AND day:{day}"
-    timings: dict[str, float] = {}
-    p0 = time.perf_counter()
-    sem = asyncio.Semaphore(32)
-
-    async def permit(user: str, phone: Phone) -> None:
-        async with sem:  # owners grant concurrently; each owner's messages stay in order
-            await grant_processing(owners_bus, phone.owner, phone.owner_pre, phone.owner_sig,
-                                   w.roster, [user], subset, granted=phone.granted,
-                                   function_classes=["proximity"],
-                                   receiver_keys=[w.receiver_key.public_bytes], limits=limits,
-                                   timeout=120)
-
-    await asyncio.gather(*(permit(u, ph) for u, ph in w.phones.items()))
-    timings["permit_s"] = time.perf_counter() - p0
-    timings.update(await sync_phones(w, all_paths, t0, phones_bus, record))
-    return t0, timings
+    await add_owners(w, list(readings), policy, owners_bus, since)
+    for twin in readings:
+        w.phones[twin].mode = mode
+    timings = {"permit_s": await permit_all(w, list(readings), _subset(since, until),
+                                            ["proximity"], owners_bus, limits=limits)}
+    timings.update(await sync_phones(w, readings, phones_bus, record))
+    return since, timings
 
 
 def job_inputs(w: World, paths: Paths) -> list[tuple[str, str, str]]:
-    inputs = [(w.phones[u].owner, u, "user") for u in sorted(paths.users)]
-    return inputs + [(w.phones["ref-path"].owner, "ref-path", "reference")]
+    """(owner, twin, role): every user in id order, then the reference."""
+    inputs = []
+    for u in sorted(paths.users):
+        twin = w.twins.get(u, u)
+        inputs.append((w.phones[twin].owner, twin, "user"))
+    return inputs + [(w.phones[REF_TWIN].owner, REF_TWIN, "reference")]
 
 
 async def process(w: World, paths: Paths, radius: float, t0: float, bus: BusClient, *,
                   receiver: str = "health", receiver_key: bytes | None = None,
-                  job: str | None = None, timeout: float = 3600) -> tuple[Any, Any]:
-    """6+: submit, follow the status; returns (final status, result or None)."""
-    params = _params(radius)
-    job = job or new_job_id("ct")
+                  job: str | None = None, timeout: float = 3600,
+                  epoch_s: int = DEFAULT_EPOCH_S,
+                  window: int = 0) -> tuple[Any, JobResult | None]:
+    """6+: submit over the window [t0, end of the last reading's epoch), follow the status;
+    returns (final status, result keyed by the users' own ids, or None)."""
+    enc = coordinate_encoding(paths.unit)
+    status, result = await run_job(
+        w, bus, "contact_tracing", _params(radius, enc, window), job_inputs(w, paths), paths.points,
+        t0, job_window(paths, epoch_s)[1], epoch_s=epoch_s, fields=_fields(enc),
+        job=job or new_job_id("ct"), receiver=receiver, receiver_key=receiver_key,
+        timeout=timeout)
+    if result is None:
+        return status, None
+    user_of = {twin: user for user, twin in w.twins.items()}
+    return status, dataclasses.replace(result, labels=[user_of.get(t, t) for t in result.labels])
+
+
+async def run_job(w: World, bus: BusClient, function: str, params: Mapping[str, Any],
+                  inputs: Sequence[tuple[str, str, str]], points: int, since: float,
+                  until: float, *, fields: Mapping[str, Mapping[str, Any]],
+                  epoch_s: int = DEFAULT_EPOCH_S, job: str | None = None,
+                  receiver: str = "health", receiver_key: bytes | None = None,
+                  timeout: float = 3600) -> tuple[Any, JobResult | None]:
+    """Any registered function (6+): submit, follow the status, collect the receiver's
+    result; returns (final status, result keyed by twin id, or None if the job failed)."""
+    job = job or new_job_id(function.replace("_", "-")[:8])
     waiter = asyncio.create_task(w.receiver.result(job, params, timeout=timeout))
-    await submit_job(bus, job, "contact_tracing", params, job_inputs(w, paths), receiver,
-                     receiver_key or w.receiver_key.public_bytes, paths.points, t0 - 1,
-                     t0 + 86400)
+    await submit_job(bus, job, function, params, inputs, receiver,
+                     receiver_key or w.receiver_key.public_bytes, points, since, until,
+                     epoch_s=epoch_s, fields=fields)
     status = await follow_status(bus, job, timeout=timeout)
     if status["state"] != "done":
         waiter.cancel()
@@ -491,9 +573,18 @@ async def process(w: World, paths: Paths, radius: float, t0: float, bus: BusClie
 async def run_demo(*, users: int = 10, points: int = 50, key_epochs: int = 50,
                    radius: float = 5.0, rtt_ms: float = 30.0,
                    broker: tuple[str, int] | None = None, paths: Paths | None = None,
-                   repeat: bool = False) -> Report:
+                   repeat: bool = False, replay: bool = False,
+                   epoch_s: int = DEFAULT_EPOCH_S, window: int = 0) -> Report:
     """Run 2+, 3+ and 6+ and check the receiver's result against the plaintext reference."""
-    paths = paths or random_paths(users, points, radius)
+    if paths is None:
+        start = aligned_start(epoch_policy(points, key_epochs), points)
+        paths = random_paths(users, points, radius, start=start)
+    notes = list(paths.notes)
+    if replay:
+        shift = replay_shift(paths)
+        paths = paths.shifted(shift)
+        notes.append(f"replayed: every reading moved by {shift / 86400:+.0f} day(s)")
+    check_recent(paths)
     n_users, n_points = len(paths.users), paths.points
     async with AsyncExitStack() as stack:
         w = await start_world(stack, broker=broker, rtt_ms=rtt_ms)
@@ -502,7 +593,8 @@ async def run_demo(*, users: int = 10, points: int = 50, key_epochs: int = 50,
         t0, timings = await prepare(w, paths, key_epochs, owners_bus, bus)
         for run in range(2 if repeat else 1):
             j0 = time.perf_counter()
-            status, result = await process(w, paths, radius, t0, owners_bus)
+            status, result = await process(w, paths, radius, t0, owners_bus, epoch_s=epoch_s,
+                                           window=window)
             if result is None:
                 raise RuntimeError(f"job {status['job']} failed: {status['reason']}")
             key = "processing" if run == 0 else "processing_repeat"
@@ -510,10 +602,13 @@ async def run_demo(*, users: int = 10, points: int = 50, key_epochs: int = 50,
             for phase, secs in w.cloud.jobs.timings.get(status["job"], {}).items():
                 timings[f"{key}_{phase}"] = secs
         results = result.as_dict()
-    expected = plaintext_reference(paths, radius)
+    since, until = t0, job_window(paths, epoch_s)[1]
+    expected = plaintext_reference(paths, radius, since=since, until=until, epoch_s=epoch_s,
+                                   window=window)
     timings = _per_user(timings, n_users)
     return Report(n_users, n_points, key_epochs, results, expected, timings, rtt_ms,
-                  "embedded" if broker is None else f"mqtt://{broker[0]}:{broker[1]}")
+                  "embedded" if broker is None else f"mqtt://{broker[0]}:{broker[1]}",
+                  since, until, epoch_s, paths.unit, notes, window)
 
 
 def _per_user(t: dict[str, float], n: int) -> dict[str, float]:
@@ -548,6 +643,18 @@ def format_report(r: Report) -> str:
                  f"{t.get('processing_reencrypt_s', 0):.2f}, publish {t.get('processing_publish_s', 0):.2f}, "
                  f"nodes {t.get('processing_compute_s', 0):.2f}); paper constant 12.4 s")
     contacts = sum(1 for v in r.results.values() if v)
+    lines.append(f"window {iso(r.since)} .. {iso(r.until)} in epochs of {r.epoch_s} s"
+                 f"{f' (contacts ±{r.window} epochs)' if r.window else ''}; "
+                 f"coordinates in {r.unit}")
+    lines.extend(f"note: {n}" for n in r.notes)
+    shown = sorted(r.expected)[:MAX_ROWS_SHOWN]
+    for user in shown:
+        got, want = r.results.get(user), r.expected[user]
+        lines.append(f"  {user:24} {got!s:>6} contact epoch(s)"
+                     f"{'' if got == want else f'   MISMATCH: plaintext {want}'}")
+    if len(r.expected) > len(shown):
+        lines.append(f"  … {len(r.expected) - len(shown)} more user(s) (--json lists all)")
     lines.append(f"users with contacts: {contacts}/{r.users}; "
-                 f"checked against plaintext: {'OK' if r.checked else 'MISMATCH'}")
+                 f"checked against plaintext: {'OK' if r.checked else 'MISMATCH'}"
+                 + (f" ({len(r.mismatches)} user(s) differ)" if not r.checked else ""))
     return "\n".join(lines)

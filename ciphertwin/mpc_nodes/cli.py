@@ -17,33 +17,35 @@ import asyncio
 import os
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ciphertwin.agents.cli import _bus_for, _common, _home, _identity, _init
-from ciphertwin.agents.identity import write_private_file
+from ciphertwin.agents.cli_base import add_common, bus_for, home, identity, init_principal
 from ciphertwin.agents.operator_cli import add_operator_key_option, pinned_operator
 from ciphertwin.config.settings import load_deployment
-from ciphertwin.crypto import wire
 from ciphertwin.errors import ValidationError
-from ciphertwin.mpc_nodes.roster import NodeIdentity
-from ciphertwin.protocol import share_open
 from ciphertwin.protocol.roster_trust import ROSTER_STATE_FILE
-from ciphertwin.workers import worker_pool
 
-ENTRY_TAG = "node-entry-file"
+if TYPE_CHECKING:
+    from ciphertwin.mpc_nodes.roster import NodeIdentity
+
+# The MPC modules (numpy) are imported only by the commands that need them: every
+# `ciphertwin …` invocation builds this parser.
 
 
 def _node_identity(args: argparse.Namespace, index: int) -> tuple[Any, NodeIdentity]:
-    me = _identity(args)
+    from ciphertwin.mpc_nodes.roster import NodeIdentity
+
+    me = identity(args)
     return me, NodeIdentity(index, me.name, me.signing, me.hpke.private_key)
 
 
 def _entry(args: argparse.Namespace) -> int:
+    from ciphertwin.mpc_nodes.entry_file import write_entry_file
+
     me, node = _node_identity(args, args.index)
-    blob = wire.encode(ENTRY_TAG, {"entry": node.entry().to_bytes(),
-                                   "pre": me.pre.public.to_bytes()})
-    write_private_file(args.out, blob, mode=0o644)
-    print(f"roster entry of {me.name} (index {args.index}) written to {args.out}")
+    written = write_entry_file(args.out, node, me.pre.public)
+    print(f"roster entry of {me.name} (index {args.index}, key fingerprint "
+          f"{written.fingerprint}) written to {args.out} (public, 0644)")
     return 0
 
 
@@ -59,16 +61,18 @@ async def _serve(args: argparse.Namespace) -> None:
     """Run until cancelled (SIGINT/SIGTERM): the pool and the ledger are closed on the way out."""
     from ciphertwin.mpc_nodes.ledger import NodeLedger
     from ciphertwin.mpc_nodes.service import ProcessingNode
+    from ciphertwin.protocol import share_open
+    from ciphertwin.workers import worker_pool
 
     deployment = load_deployment(args.config)
     operator = pinned_operator(args.operator_key, deployment)
     me, node_id = _node_identity(args, args.index)
     workers = args.workers or max(1, (os.cpu_count() or 1) - 1)
-    ledger = NodeLedger(_home(args) / "node-ledger.db")  # job ids run, token budgets spent
+    ledger = NodeLedger(home(args) / "node-ledger.db")  # job ids run, token budgets spent
     with closing(ledger), worker_pool(workers, preload=(share_open.__name__,)) as pool:
-        async with _bus_for(args, deployment) as bus:
+        async with bus_for(args, deployment) as bus:
             async with ProcessingNode(bus, node_id, me.pre, operator=operator,
-                                      roster_state=_home(args) / ROSTER_STATE_FILE, executor=pool,
+                                      roster_state=home(args) / ROSTER_STATE_FILE, executor=pool,
                                       latency_s=args.rtt_ms / 2000,
                                       mpc_timeout_s=args.mpc_timeout,
                                       ledger=ledger):
@@ -78,7 +82,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def register(subparsers: Any) -> None:
     node = subparsers.add_parser("node", help="processing node (MPC) and node roster")
-    _common(node, name_required=False)
+    add_common(node, name_required=False)
     node.add_argument("--index", type=int, choices=[0, 1, 2], help="share index of this node")
     add_operator_key_option(node)
     node.add_argument("--rtt-ms", type=float, default=0.0,
@@ -88,11 +92,11 @@ def register(subparsers: Any) -> None:
     node.set_defaults(func=_run)
     sub = node.add_subparsers(dest="node_command", metavar="ACTION", required=False)
     p = sub.add_parser("init", help="create node keys and broker login")
-    _common(p)
+    add_common(p)
     p.add_argument("--broker-password-stdin", action="store_true")
-    p.set_defaults(func=lambda a: _init(a, "node"))
+    p.set_defaults(func=lambda a: init_principal(a, "node"))
     p = sub.add_parser("entry", help="write this node's signed roster entry for the operator")
-    _common(p)
+    add_common(p)
     p.add_argument("--index", type=int, choices=[0, 1, 2], required=True)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_entry)

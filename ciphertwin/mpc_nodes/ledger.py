@@ -10,7 +10,9 @@ Three things must survive a node restart, or the cloud could exploit the amnesia
   many overlapping jobs, hence differencing attacks, one token admits. Each accepted job is
   recorded as (token id, job, time); a use is forgotten once its token has expired;
 * **revoked process tokens** — the owner's signed revocation is retained on the bus, but the
-  cloud may publish anywhere and could clear it: once seen, a revocation stays here.
+  cloud may publish anywhere and could clear it: once seen, a revocation stays here;
+* **retained results** — the topic of every output share the node left retained for its
+  receiver, so the node clears it once it is old (also after a restart).
 
 Only accepted jobs (every check passed) are recorded, so garbage specs cannot grow the file.
 SQLite (stdlib) in the node's home folder; ``NodeLedger()`` without a path keeps it in memory
@@ -41,6 +43,8 @@ CREATE TABLE IF NOT EXISTS token_uses (
 CREATE INDEX IF NOT EXISTS token_uses_time ON token_uses (token, time);
 CREATE TABLE IF NOT EXISTS revoked (
     owner BLOB NOT NULL, token BLOB NOT NULL, time REAL NOT NULL, PRIMARY KEY (owner, token));
+CREATE TABLE IF NOT EXISTS results (
+    job TEXT PRIMARY KEY, topic TEXT NOT NULL, time REAL NOT NULL);
 """
 
 
@@ -115,3 +119,18 @@ class NodeLedger:
         row = self._db.execute("SELECT 1 FROM revoked WHERE owner = ? AND token = ?",
                                (owner_key, token_id)).fetchone()
         return row is not None
+
+    # -- retained results ----------------------------------------------------------------
+    def record_result(self, job: str, topic: str) -> None:
+        """The node is about to leave ``job``'s output share retained on ``topic``."""
+        self._db.execute("INSERT OR REPLACE INTO results (job, topic, time) VALUES (?, ?, ?)",
+                         (job, topic, time.time()))
+
+    def results_before(self, before: float) -> list[tuple[str, str]]:
+        """(job, topic) of retained results recorded before ``before`` (Unix time)."""
+        rows = self._db.execute("SELECT job, topic FROM results WHERE time < ? ORDER BY time",
+                                (before,)).fetchall()
+        return [(str(j), str(t)) for j, t in rows]
+
+    def forget_result(self, job: str) -> None:
+        self._db.execute("DELETE FROM results WHERE job = ?", (job,))

@@ -11,14 +11,18 @@ Who sends what:
   naming the token id and the owner's key; nodes check it against that key, not the cloud's
   word, and refuse jobs with a revoked token);
 * anyone → cloud on ``jobs/submit``: ``job_submit`` (function, parameters, input selectors per
-  owner and twin, receiver and its X25519 key);
+  owner and twin, the window [since, until) cut into clock-aligned epochs of ``epoch_s``, the
+  declared encoding of every field the function reads, receiver and its X25519 key);
 * cloud → node i on ``nodes/{node}/inputs/{job}``: ``node_inputs`` chunks; chunk 0 carries the
   ``job_spec`` (everything a node checks before it touches an input);
 * cloud and nodes → all on ``jobs/{job}/status``: ``job_status`` (the cloud's is retained and
   unsigned; the nodes' are signed, so the cloud and the nodes only believe the job's roster
-  nodes; a node's "ready" report — computing, round 0 — carries its fresh per-run ``nonce``);
-* node → receiver on ``receivers/{receiver}/results/{job}``: ``job_result`` — the HPKE-sealed
-  output share, signed by the node.
+  nodes; a node's "ready" report — computing, round 0 — carries its fresh per-run ``nonce``
+  and the digest of the public input ``layout`` it arranged; while opening inputs a node
+  reports ``opening`` with progress = items opened / items of the job);
+* node → receiver, retained on ``receivers/{receiver}/results/{job}/{node}``: ``job_result`` —
+  the HPKE-sealed output share and the digest of the roster the job ran on, signed by the
+  node (retained so a receiver may ask for it whenever it starts; the node clears it later).
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from ciphertwin.bus.envelope import (
-    FLOAT, I64, ID, STORED_INT, TIME, Bytes, Int, ListOf, MapOf, Opt, Str, Struct, Envelope,
+    FLOAT, ID, STORED_INT, TIME, Bytes, Int, ListOf, MapOf, Opt, Str, Struct, Envelope,
     decode, encode, register_kind,
 )
 from ciphertwin.crypto.errors import SignatureInvalid
@@ -40,9 +44,14 @@ from ciphertwin.crypto.kpcpre import PrePublicKey
 from ciphertwin.crypto.signing import SigningKey, VerifyKey
 from ciphertwin.crypto.tokens import roster_digest
 from ciphertwin.errors import CipherTwinError, ValidationError
-from ciphertwin.mpc_nodes.roster import Roster, RosterEntry
 from ciphertwin.protocol.control import verify_control
+from ciphertwin.protocol.job_epochs import (
+    DEFAULT_EPOCH_S, MAX_EPOCH_S, FieldEncoding, epoch_window, parse_encodings,
+)
 from ciphertwin.protocol.kinds import DIGEST, REASON, SIG
+
+if TYPE_CHECKING:  # numpy comes with the MPC side: a device's CLI must not import it
+    from ciphertwin.mpc_nodes.roster import Roster, RosterEntry
 
 ROLE = Str(32, 1)
 PUBKEY = Bytes(32, 32)
@@ -50,7 +59,11 @@ PARAMS = Bytes(8192, 1)
 MAX_TWINS = 100_000
 CHUNK_ITEMS = 2000
 MAX_CHUNK_BYTES = 2 * 1024 * 1024
-STATES = ("queued", "reencrypting", "sent", "computing", "delivered", "done", "failed")
+STATES = ("queued", "reencrypting", "sent", "opening", "computing", "delivered", "done", "failed")
+FIELD = Str(32, 1)
+ENCODING = Struct({"unit": Str(64, 1), "frac": Int(0, 40), "min": FLOAT, "max": FLOAT})
+"""a declared field encoding (:class:`FieldEncoding` ``as_dict``); checked again by from_dict"""
+FIELDS = MapOf(FIELD, ENCODING, 64)
 
 NODE_ROSTER = register_kind("node_roster", {
     "version": STORED_INT, "entries": ListOf(Bytes(1024, 16), 3, 3), "pre": ListOf(Bytes(1024, 16), 3, 3),
@@ -66,13 +79,14 @@ PROCESS_TOKEN_REVOKE = register_kind("process_token_revoke", {
 JOB_SUBMIT = register_kind("job_submit", {
     "job": ID, "function": Str(64, 1), "params": PARAMS,
     "inputs": ListOf(Struct({"owner": ID, "twin": ID, "role": ROLE}), MAX_TWINS, 1),
-    "since": TIME, "until": TIME, "points": Int(1, 1_000_000),
-    "receiver": ID, "receiver_key": PUBKEY, "time": TIME,
+    "since": TIME, "until": TIME, "epoch_s": Int(1, MAX_EPOCH_S), "fields": FIELDS,
+    "points": Int(1, 1_000_000), "receiver": ID, "receiver_key": PUBKEY, "time": TIME,
 }, max_size=16 * 1024 * 1024)
-BINDING = Struct({"role": ROLE, "field": Str(32, 1), "ndim": Int(1, 2), "pad": Opt(I64)})
+BINDING = Struct({"role": ROLE, "field": FIELD})
 JOB_SPEC = register_kind("job_spec", {
     "job": ID, "function": Str(64, 1), "params": PARAMS, "receiver": ID, "receiver_key": PUBKEY,
     "roster": DIGEST, "points": Int(1, 1_000_000), "bindings": MapOf(Str(64, 1), BINDING, 64),
+    "since": TIME, "until": TIME, "epoch_s": Int(1, MAX_EPOCH_S), "fields": FIELDS,
     "twins": ListOf(Struct({"twin": ID, "owner_key": PUBKEY, "role": ROLE, "count": STORED_INT}),
                     MAX_TWINS, 1),
     "tokens": ListOf(Bytes(64 * 1024, 16), MAX_TWINS, 1),
@@ -84,9 +98,10 @@ NODE_INPUTS = register_kind("node_inputs", {
 JOB_STATUS = register_kind("job_status", {
     "job": ID, "state": Str(16, 1), "progress": FLOAT, "round": STORED_INT, "rounds": STORED_INT,
     "reason": REASON, "by": ID, "time": TIME, "sig": Opt(SIG), "nonce": Opt(Bytes(32, 32)),
+    "layout": Opt(DIGEST),
 })
 JOB_RESULT = register_kind("job_result", {
-    "job": ID, "function": Str(64, 1), "party": Int(0, 2), "node": ID,
+    "job": ID, "function": Str(64, 1), "party": Int(0, 2), "node": ID, "roster": DIGEST,
     "labels": ListOf(ID, MAX_TWINS), "blob": Bytes(64 * 1024 * 1024, 16), "sig": SIG,
 }, max_size=80 * 1024 * 1024)
 
@@ -125,6 +140,8 @@ class NodeRoster:
 def build_roster(operator: SigningKey, entries: Sequence[RosterEntry],
                  pre_keys: Sequence[PrePublicKey], version: int) -> bytes:
     """Operator-signed ``node_roster`` message (publish retained on ``config/nodes``)."""
+    from ciphertwin.mpc_nodes.roster import Roster
+
     Roster(list(entries))  # refuse a bad roster before signing it
     body: dict[str, Any] = {
         "version": version, "entries": [e.to_bytes() for e in sorted(entries, key=lambda e: e.index)],
@@ -141,6 +158,8 @@ def parse_roster(payload: bytes, operator: VerifyKey) -> NodeRoster:
     Who follows rosters over time goes through ``roster_trust.RosterHistory`` (versions, share
     indices), not this function alone.
     """
+    from ciphertwin.mpc_nodes.roster import Roster, RosterEntry
+
     if not isinstance(operator, VerifyKey):
         raise ValidationError("node roster: no pinned operator key to check it against")
     env = decode(payload, "node_roster")
@@ -194,32 +213,83 @@ def unpack_params(data: bytes) -> dict[str, Any]:
     return params
 
 
+DEFAULT_FIELDS: dict[str, dict[str, FieldEncoding]] = {
+    "contact_tracing": {f: FieldEncoding("m", 4, -50_000.0, 50_000.0) for f in ("x", "y")},
+    **{fn: {"v": FieldEncoding("1", 16, -float(1 << 30), float(1 << 30))}
+       for fn in ("sum", "mean", "count_above", "histogram")},
+}
+"""What the CLI declares when the user names no encodings: metres in 1/16 m within ±50 km
+for contact tracing; a plain number with 16 fractional bits within ±2^30 for aggregates."""
+
+
 def build_job(job: str, function: str, params: Mapping[str, Any],
               inputs: Sequence[tuple[str, str, str]], receiver: str, receiver_key: bytes,
-              points: int, since: float = 0.0, until: float | None = None) -> bytes:
-    """``job_submit`` message; ``inputs`` are (owner, twin, role) selectors."""
+              points: int, since: float, until: float, *, epoch_s: int = DEFAULT_EPOCH_S,
+              fields: Mapping[str, FieldEncoding | Mapping[str, Any]]) -> bytes:
+    """``job_submit`` message; ``inputs`` are (owner, twin, role) selectors.
+
+    ``fields`` declares the encoding of every field the function reads (devices must have
+    encoded exactly so; nodes refuse readings that say otherwise)."""
     return encode("job_submit", {
         "job": job, "function": function, "params": pack_params(params),
         "inputs": [{"owner": o, "twin": t, "role": r} for o, t, r in inputs],
-        "since": float(since), "until": float(until if until is not None else time.time() + 86400),
-        "points": points, "receiver": receiver, "receiver_key": receiver_key, "time": time.time(),
+        "since": float(since), "until": float(until), "epoch_s": epoch_s,
+        "fields": _fields_dict(fields), "points": points, "receiver": receiver,
+        "receiver_key": receiver_key, "time": time.time(),
     })
 
 
-def default_bindings(function: str, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """How a function's named inputs come from share readings: (role, field, ndim, pad).
+def _fields_dict(fields: Mapping[str, FieldEncoding | Mapping[str, Any]]) -> dict[str, Any]:
+    return {name: (enc if isinstance(enc, FieldEncoding) else FieldEncoding.from_dict(enc)).as_dict()
+            for name, enc in fields.items()}
 
-    Contact tracing pads missing user points with an epoch no reference point has (and the
-    reference with another), so padding never counts as a contact.
-    """
+
+def default_bindings(function: str, fields: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Which role and field feeds each named input of ``function``.
+
+    Contact tracing: ``user_x``/``user_y`` from role "user", ``ref_x``/``ref_y`` from role
+    "reference", fields x and y. The aggregates: ``values`` from role "user", the job's single
+    declared field."""
     if function == "contact_tracing":
-        far = (1 << int(params.get("epoch_bits", 16))) - 1
-        out = {f"user_{f}": {"role": "user", "field": f, "ndim": 2, "pad": 0} for f in "xy"}
-        out |= {f"ref_{f}": {"role": "reference", "field": f, "ndim": 1, "pad": 0} for f in "xy"}
-        out["user_epoch"] = {"role": "user", "field": "epoch", "ndim": 2, "pad": -far}
-        out["ref_epoch"] = {"role": "reference", "field": "epoch", "ndim": 1, "pad": far}
-        return out
-    return {"values": {"role": "user", "field": "v", "ndim": 2, "pad": None}}
+        missing = sorted({"x", "y"} - set(fields))
+        if missing:
+            raise ValidationError(f"contact_tracing reads fields x and y; {missing} not declared")
+        return {f"{prefix}_{f}": {"role": role, "field": f}
+                for prefix, role in (("user", "user"), ("ref", "reference")) for f in "xy"}
+    if len(fields) != 1:
+        raise ValidationError(f"{function} reads exactly one field; {len(fields)} declared "
+                              f"({', '.join(sorted(fields))})")
+    return {"values": {"role": "user", "field": next(iter(fields))}}
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """A job's function, parameters, window and field encodings, all checked."""
+
+    function: Any  # FunctionSpec
+    params: Any  # the function's parsed parameters
+    encodings: dict[str, FieldEncoding]  # field -> declared encoding
+    bindings: dict[str, dict[str, str]]  # input name -> {role, field}
+    first_epoch: int
+    epochs: int
+
+
+def check_job_shape(function: str, params: Mapping[str, Any], fields: Mapping[str, Any],
+                    since: float, until: float, epoch_s: int) -> JobShape:
+    """What submitter, cloud and nodes each check before anything else (one piece of code):
+    the function and its parameters, the epoch window, the declared encodings and that they
+    fit the function (``check_encodings``: e.g. a comparison width covering the ranges)."""
+    from ciphertwin.mpc_nodes.functions import get_function  # the MPC side, only when checking
+
+    fn = get_function(function)
+    parsed = fn.parse(params)
+    first, count = epoch_window(since, until, epoch_s)
+    encodings = parse_encodings(fields)
+    bindings = default_bindings(function, encodings)
+    if {n: b["role"] for n, b in bindings.items()} != dict(fn.inputs):
+        raise ValidationError(f"{function}: the default bindings do not match its inputs")
+    fn.check_encodings(parsed, {name: encodings[b["field"]] for name, b in bindings.items()})
+    return JobShape(fn, parsed, encodings, bindings, first, count)
 
 
 # --- status and results -------------------------------------------------------------------
@@ -227,11 +297,12 @@ def default_bindings(function: str, params: Mapping[str, Any]) -> dict[str, dict
 
 def build_status(job: str, state: str, by: str, *, progress: float = 0.0, round_: int = 0,
                  rounds: int = 0, reason: str = "", signer: SigningKey | None = None,
-                 nonce: bytes | None = None) -> bytes:
+                 nonce: bytes | None = None, layout: bytes | None = None) -> bytes:
     """A status report; nodes sign theirs so the cloud believes only roster nodes.
 
-    ``nonce``: a node's fresh per-run key contribution, carried (signed) by its "ready"
-    report (computing, round 0) — see :mod:`ciphertwin.mpc_nodes.prf`."""
+    ``nonce``: a node's fresh per-run key contribution, and ``layout``: the digest of the
+    public input layout it arranged — both carried (signed) by its "ready" report (computing,
+    round 0); see :mod:`ciphertwin.mpc_nodes.prf` and :meth:`Layout.digest`."""
     if state not in STATES:
         raise ValidationError(f"unknown job state {state!r}")
     body: dict[str, Any] = {"job": job, "state": state, "progress": float(progress),
@@ -239,6 +310,8 @@ def build_status(job: str, state: str, by: str, *, progress: float = 0.0, round_
                             "time": time.time()}
     if nonce is not None:
         body["nonce"] = nonce
+    if layout is not None:
+        body["layout"] = layout
     if signer is not None:
         body["sig"] = signer.sign_object(_STATUS_CTX, body)
     return encode("job_status", body)
@@ -251,10 +324,11 @@ def verify_status(env: Envelope, key: VerifyKey) -> None:
 
 
 def build_result(job: str, function: str, party: int, node: str, labels: Sequence[str],
-                 blob: bytes, signer: SigningKey) -> bytes:
-    """Output share message: the HPKE blob and the row labels, signed by the node."""
+                 blob: bytes, signer: SigningKey, *, roster: bytes) -> bytes:
+    """Output share message: the HPKE blob, the row labels and the digest of the roster the
+    job ran on (the receiver checks the signature against that roster), signed by the node."""
     body: dict[str, Any] = {"job": job, "function": function, "party": party, "node": node,
-                            "labels": list(labels), "blob": blob}
+                            "roster": roster, "labels": list(labels), "blob": blob}
     body["sig"] = signer.sign_object(_RESULT_CTX, _result_signed(body))
     return encode("job_result", body)
 
@@ -266,7 +340,9 @@ def _result_signed(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def verify_result(env: Envelope, roster: NodeRoster) -> None:
-    """The result must be signed by the roster's node at its party index."""
+    """The result must name ``roster`` (the job's) and be signed by its node at the party index."""
+    if env["roster"] != roster.digest:
+        raise ValidationError("job result names another node roster than the one checked")
     entry = roster.roster[env["party"]]
     if entry.node_id != env["node"]:
         raise ValidationError(f"result names node {env['node']!r}, roster has {entry.node_id!r}")

@@ -13,7 +13,11 @@ every principal that follows the roster keeps a :class:`RosterHistory`:
   re-deliveries). The first roster a principal ever sees has nothing to be bounded against;
   the operator's ``publish-roster`` applies the bound against the roster it replaces;
 * a :class:`ShareIndexBook`: the share index each node id, node signing key and node PRE key
-  ever had; a roster putting one of them at another index (or twice in one roster) is refused.
+  ever had; a roster putting one of them at another index (or twice in one roster) is refused;
+* every accepted roster by digest (the last ``KEEP_ROSTERS``): a job is pinned to the roster
+  it was checked against for its whole life, so a receiver checks a result against the roster
+  the result names (:meth:`RosterHistory.by_digest`) — one it accepted itself — even after a
+  hot swap.
 
 Given a state file (in the principal's home folder) both survive restarts. Owners keep a
 second book of the node keys they actually re-keyed (``grant_processing``), so an owner never
@@ -22,6 +26,8 @@ gives share i to a key it once gave share j ≠ i, whatever roster it is shown.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
@@ -41,6 +47,8 @@ GRANTED_SHARES_FILE = "granted-shares.json"
 NO_OPERATOR_KEY = ("no operator key: rosters are only accepted when signed by the pinned "
                    "operator key")
 _MAX_STATE_BYTES = 4 * 1024 * 1024
+KEEP_ROSTERS = 64
+"""accepted rosters remembered by digest (results of jobs pinned to older rosters verify)"""
 
 
 class RosterRefused(ValidationError):
@@ -118,6 +126,24 @@ class RosterHistory:
             raise ValidationError(f"{path}: malformed roster version")
         self.book = ShareIndexBook()
         self.book.indices = _indices(state.get("indices", {}), str(path))
+        self._known: dict[bytes, tuple[int, bytes]] = {}
+        """roster digest -> (version, signed payload) of accepted rosters"""
+        self._parsed: dict[bytes, NodeRoster] = {}
+        for raw in _payloads(state.get("rosters", []), str(path)):
+            try:
+                self._remember(parse_roster(raw, operator), raw)
+            except ValidationError:
+                continue  # signed by an operator key no longer pinned: not ours to trust
+
+    def by_digest(self, digest: bytes) -> NodeRoster | None:
+        """An accepted roster with this digest (of its node signing keys), or None."""
+        return self._parsed.get(bytes(digest))
+
+    def _remember(self, roster: NodeRoster, payload: bytes) -> None:
+        self._known[roster.digest] = (roster.version, payload)
+        self._parsed[roster.digest] = roster
+        for digest, _ in sorted(self._known.items(), key=lambda kv: kv[1][0])[:-KEEP_ROSTERS]:
+            del self._known[digest], self._parsed[digest]
 
     def accept(self, payload: bytes) -> NodeRoster:
         """Parse, verify and check ``payload``; record it. Raises with the reason to log."""
@@ -125,6 +151,8 @@ class RosterHistory:
         content = _content(roster)
         if self.version is not None:
             if roster.version == self.version and content == self.content:
+                if roster.digest not in self._parsed:
+                    self._remember(roster, payload)
                 return roster  # the accepted roster again (retained re-delivery)
             if roster.version <= self.version:
                 raise RosterRefused(f"roster v{roster.version} is not newer than the accepted "
@@ -134,9 +162,20 @@ class RosterHistory:
                                     f"{MAX_VERSION_JUMP} versions past v{self.version}")
         self.book.record(roster)
         self.version, self.content = roster.version, content
+        self._remember(roster, payload)
         _save(self.path, {"version": self.version, "content": content,
-                          "indices": self.book.indices})
+                          "indices": self.book.indices,
+                          "rosters": [base64.b64encode(p).decode() for _, p in self._known.values()]})
         return roster
+
+
+def _payloads(raw: object, where: str) -> list[bytes]:
+    if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+        raise ValidationError(f"{where}: kept rosters are malformed")
+    try:
+        return [base64.b64decode(r, validate=True) for r in raw]
+    except binascii.Error:
+        raise ValidationError(f"{where}: kept rosters are malformed") from None
 
 
 def _content(roster: NodeRoster) -> str:
@@ -144,3 +183,24 @@ def _content(roster: NodeRoster) -> str:
     return hashlib.sha256(wire.canonical(
         [[e.to_bytes() for e in roster.roster.entries], [k.to_bytes() for k in roster.pre_keys]]
     )).hexdigest()
+
+
+def replaced_nodes(old: NodeRoster, new: NodeRoster) -> list[str]:
+    """What ``new`` changes about ``old``'s nodes, per share index ("index 1 node1 -> node1b");
+    empty if every index keeps the same node with the same keys (a job may go on)."""
+    out = []
+    for i, (a, b) in enumerate(zip(old.roster.entries, new.roster.entries, strict=True)):
+        if a.to_bytes() == b.to_bytes() and old.pre_keys[i].to_bytes() == new.pre_keys[i].to_bytes():
+            continue
+        out.append(f"index {i} {a.node_id} -> {b.node_id}" if a.node_id != b.node_id
+                   else f"index {i} {a.node_id} has new keys")
+    return out
+
+
+def swap_reason(old: NodeRoster, new: NodeRoster) -> str | None:
+    """Why a job pinned to ``old`` must end now that ``new`` is the roster (None: it need not)."""
+    changes = replaced_nodes(old, new)
+    if not changes:
+        return None
+    return (f"node roster changed to version {new.version} during the job: "
+            f"{', '.join(changes)}; re-grant processing and resubmit")

@@ -16,7 +16,11 @@ For every (item, re-encrypted capsule) the node receives, in this order:
 * the capsule is decapsulated with the node's PRE key (once per capsule: one per key epoch);
 * the sealed reading is decrypted (AAD binds twin, device, seq and attributes) — the
   ciphertext is the device's (signed), so the plaintext is too;
-* the reading must say ``share: i`` and hold every needed field as a ring element.
+* the reading must say ``share: i``, hold every needed field as a ring element, and declare
+  for each of them (``enc``) exactly the encoding the job declares — unit, scale and range;
+  readings of the old format (a bare ``frac``) are refused. A conforming device never encodes
+  outside its declared range, so the functions' comparison widths, derived from the job's
+  ranges, are exact.
 
 Items are opened grouped by what they share: the write token, the attribute-set checks and
 the data key are worked out once per distinct token, attribute set and re-capsule (memoised
@@ -45,6 +49,7 @@ from ciphertwin.crypto.policy import Policy
 from ciphertwin.crypto.signing import VerifyKey
 from ciphertwin.crypto.tokens import WriteToken, verify_write_token
 from ciphertwin.errors import ValidationError
+from ciphertwin.protocol.job_epochs import FieldEncoding
 from ciphertwin.protocol.items import (
     decode_inner,
     decode_item,
@@ -106,9 +111,11 @@ class _Opener:
     """Opens one batch for node ``index``; memoises per token, attribute set and re-capsule."""
 
     def __init__(self, pre: PreKeyPair, index: int, owner_of: Mapping[str, bytes],
-                 selectors: Mapping[bytes, str], fields: Sequence[str]) -> None:
+                 selectors: Mapping[bytes, str], encodings: Mapping[str, Mapping[str, Any]]) -> None:
         self.pre, self.pre_id, self.index = pre, pre.key_id, index
-        self.owner_of, self.fields = owner_of, tuple(fields)
+        self.owner_of, self.fields = owner_of, tuple(encodings)
+        self.encodings = {f: FieldEncoding.from_dict(e) for f, e in encodings.items()}
+        self._enc_seen: dict[tuple[str, tuple[Any, ...], tuple[type, ...]], bool] = {}
         self.policies = {owner: Policy.parse(text) for owner, text in selectors.items()}
         self.share_attr = f"share:{index}"
         self._tokens: dict[tuple[bytes, bytes], tuple[bytes, WriteToken]] = {}
@@ -187,16 +194,58 @@ class _Opener:
         if sealed.capsule_id != cid:
             raise ValidationError("sealed item names another capsule")
         inner = decode_inner(open_sealed(sealed, key, item_aad(twin, device, seq, attr_list)))
-        return twin, device, seq, when, _values(inner["reading"], self.index, self.fields)
+        reading = inner["reading"]
+        values = _values(reading, self.index, self.fields)
+        self.check_encodings(reading)
+        return twin, device, seq, when, values
+
+    def check_encodings(self, reading: Mapping[str, Any]) -> None:
+        """Every field read must declare exactly the job's encoding (memoised per distinct
+        declaration: a device sends the same few over and over)."""
+        enc = reading.get("enc")
+        if not isinstance(enc, dict):
+            raise ValidationError("reading declares no field encodings ('enc'; the old 'frac' "
+                                  "format is no longer accepted)")
+        for f in self.fields:
+            raw = enc.get(f)
+            try:  # the types too: True == 1 and 1 == 1.0 must not share an entry
+                key = (f, tuple(raw.items()), tuple(map(type, raw.values())))
+                ok = self._enc_seen.get(key)
+            except (AttributeError, TypeError):  # not a map, or unhashable values
+                key, ok = None, None
+            if ok is None:
+                try:
+                    ok = FieldEncoding.from_dict(raw) == self.encodings[f]
+                except ValidationError:
+                    ok = False
+                if key is not None and len(self._enc_seen) < 1024:
+                    self._enc_seen[key] = ok
+            if not ok:
+                want = self.encodings[f]
+                raise ValidationError(
+                    f"field {f!r} is encoded as {_describe(raw)}, the job declares "
+                    f"{want.unit!r} frac {want.frac} in [{want.min:g}, {want.max:g}]")
+
+
+def _describe(raw: object) -> str:
+    if not isinstance(raw, dict):
+        return "nothing" if raw is None else "something malformed"
+    try:
+        e = FieldEncoding.from_dict(raw)
+    except ValidationError:
+        return "something malformed"
+    return f"{e.unit!r} frac {e.frac} in [{e.min:g}, {e.max:g}]"
 
 
 def open_share_batch(pre_bytes: bytes, index: int, owner_of: Mapping[str, bytes],
-                     selectors: Mapping[bytes, str], fields: Sequence[str],
+                     selectors: Mapping[bytes, str], encodings: Mapping[str, Mapping[str, Any]],
                      entries: Sequence[Mapping[str, bytes]]) -> OpenedColumns | str:
     """Open ``entries`` ({item, key}) for node ``index``; a string is the refusal reason.
 
-    Every item's device signature is checked: there is no switch to skip it."""
-    opener = _Opener(PreKeyPair.from_bytes(pre_bytes), index, owner_of, selectors, fields)
+    ``encodings``: field -> the job's declared encoding (``FieldEncoding.as_dict``) of every
+    field to read. Every item's device signature is checked: there is no switch to skip it."""
+    opener = _Opener(PreKeyPair.from_bytes(pre_bytes), index, owner_of, selectors, encodings)
+    fields = opener.fields
     twins: list[str] = []
     devices: list[str] = []
     seqs: list[int] = []
