@@ -379,7 +379,7 @@ async def sync_phones(world: World, readings: Mapping[str, Sequence[Mapping[str,
     t_start = time.perf_counter()
     for user, its in readings.items():
         if not its:
-            continue  # a user without readings uploads nothing
+            continue  # nothing to upload
         phone = world.phones[user]
         if phone.mode is None:
             raise ValidationError(f"phone {user} has no share mode")
@@ -499,7 +499,8 @@ async def prepare(w: World, paths: Paths, key_epochs: int, owners_bus: BusClient
     """Owners and phones for every path; 2+ (grants, tokens) and 3+ (share upload).
 
     Returns (start of the job window, timings). Readings go up at their own times, in the
-    order given; users without readings are registered and permitted but upload nothing.
+    order given; a user without readings is registered and permitted, and its phone uploads
+    only the announcement before the window (:data:`ANNOUNCE_BEFORE_S`).
     """
     since, until = job_window(paths)
     policy = epoch_policy(math.ceil((until - since) / POINT_INTERVAL_S), key_epochs)
