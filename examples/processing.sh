@@ -108,7 +108,7 @@ cat "$WORKDIR/results.json"; echo
 
 echo "== 6. a job the permits do not cover"                # they allow proximity, not sums
 rc=0
-ciphertwin $q job submit --name bob --job sum-1 --function sum --params '{"frac_bits": 16}' \
+ciphertwin $q job submit --name bob --job sum-1 --function sum \
     --input alice:alice-path:user --points 11 --since "$t0" --until $((t0 + 100)) \
     --receiver-key "$WORKDIR/home/bob/public.key" --wait --timeout 60 2>&1 || rc=$?
 echo "exit code $rc"                                     # 1: the job failed, reason above

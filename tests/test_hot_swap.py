@@ -24,7 +24,7 @@ from ciphertwin.cloud_twin import jobs as cloud_jobs
 from ciphertwin.crypto.signing import SigningKey
 from ciphertwin.mpc_nodes.roster import NodeIdentity
 from ciphertwin.mpc_nodes.output import OutputShare, seal_output
-from ciphertwin.protocol.jobs import build_result, build_roster, build_status
+from ciphertwin.protocol.jobs import build_result, build_roster, build_status, pack_params
 
 SWAPPED = "node roster changed to version 2 during the job: index 1 node1 -> node1b"
 EXPECTED = {"ua": 5, "ub": 0, "uc": 3}
@@ -200,7 +200,7 @@ async def test_forged_roster_and_foreign_statuses_neither_abort_nor_hijack_a_job
             for name in ("node1b", "node1"):
                 await env.bus.publish(env.bus.topics.results("health", job, name), build_result(
                     job, "contact_tracing", 1, name, list(EXPECTED), blob, evil.signing,
-                    roster=w.receiver.roster.digest), retain=True)
+                    roster=w.receiver.roster.digest, params=pack_params({"radius": 80})), retain=True)
 
         watcher = await stack.enter_async_context(w.client("watcher"))
         await watcher.subscribe(watcher.topics.filter("job_status"), attack)

@@ -81,6 +81,13 @@ async def test_every_registered_function_matches_the_definition() -> None:
             got = result.as_dict()
             assert list(got) == twins, function  # one row per user twin, in spec order, verbatim
             assert got == want, function  # exact: the values are binary fractions
+        # no parameters given: the declared encoding implies frac_bits at submission, and the
+        # receiver decodes with the parameters the nodes signed into their result shares
+        status, result = await run_job(w, owners, "mean", {}, inputs, points, SINCE, UNTIL,
+                                       fields={"v": ENC.as_dict()}, timeout=120)
+        assert status["state"] == "done", status.get("reason")
+        assert result.as_dict() == plaintext.aggregate("mean", plain, encoding=ENC, params={},
+                                                       since=SINCE, until=UNTIL)
         # the definition, by hand, for the rows that test the edges
         assert want["meter-idle"] == [0, 0, 0, 0]
         sums = plaintext.aggregate("sum", plain, encoding=ENC, params={}, since=SINCE, until=UNTIL)

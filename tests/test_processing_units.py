@@ -20,7 +20,8 @@ from ciphertwin.errors import ValidationError
 from ciphertwin.mpc_nodes.roster import NodeIdentity
 from ciphertwin.protocol.job_epochs import FieldEncoding
 from ciphertwin.protocol.jobs import (
-    build_result, build_roster, build_status, parse_roster, verify_result, verify_status,
+    build_result, build_roster, build_status, pack_params, parse_roster, verify_result,
+    verify_status,
 )
 
 
@@ -167,19 +168,20 @@ def test_results_and_status_must_be_signed_by_the_roster_node() -> None:
     op = SigningKey.generate()
     ids, payload = _roster(op)
     roster = parse_roster(payload, op.verify_key)
-    r = {"roster": roster.digest}
+    r = {"roster": roster.digest, "params": pack_params({"frac_bits": 16})}
     good = decode(build_result("j1", "sum", 1, "n1", ["t1"], b"x" * 40, ids[1].signing, **r),
                   "job_result")
     verify_result(good, roster)
     for forged in (build_result("j1", "sum", 1, "n1", ["t1"], b"x" * 40, ids[0].signing, **r),
                    build_result("j1", "sum", 0, "n1", ["t1"], b"x" * 40, ids[1].signing, **r),
                    build_result("j1", "sum", 1, "n1", ["t1"], b"x" * 40, ids[1].signing,
-                                roster=bytes(32))):  # another roster than the one checked
+                                roster=bytes(32), params=r["params"])):  # another roster
         with pytest.raises(ValidationError):
             verify_result(decode(forged, "job_result"), roster)
-    tampered = dict(good.body, blob=b"y" * 40)
-    with pytest.raises(ValidationError):
-        verify_result(decode(encode("job_result", tampered), "job_result"), roster)
+    for field, value in (("blob", b"y" * 40), ("params", pack_params({"frac_bits": 0}))):
+        tampered = dict(good.body, **{field: value})  # a re-scaled decoding is a forgery too
+        with pytest.raises(ValidationError):
+            verify_result(decode(encode("job_result", tampered), "job_result"), roster)
     st = decode(build_status("j1", "failed", "n2", reason="x", signer=ids[2].signing), "job_status")
     verify_status(st, ids[2].signing.verify_key)
     with pytest.raises(ValidationError):

@@ -52,7 +52,8 @@ from ciphertwin.mpc_nodes.output import combine_outputs, open_output
 from ciphertwin.protocol.control import build_control
 from ciphertwin.protocol.job_epochs import DEFAULT_EPOCH_S, FieldEncoding
 from ciphertwin.protocol.jobs import (
-    DEFAULT_FIELDS, NodeRoster, build_job, check_job_shape, verify_result,
+    DEFAULT_FIELDS, NodeRoster, build_job, check_job_shape, unpack_params, verify_result,
+    with_defaults,
 )
 from ciphertwin.protocol.roster_trust import NO_OPERATOR_KEY, RosterHistory, ShareIndexBook
 
@@ -201,6 +202,7 @@ async def submit_job(bus: BusClient, job: str, function: str, params: Mapping[st
         fields = DEFAULT_FIELDS[function]
     declared = {f: e.as_dict() if isinstance(e, FieldEncoding) else dict(e)
                 for f, e in fields.items()}
+    params = with_defaults(function, params, declared)
     check_job_shape(function, params, declared, since, until, epoch_s)
     await bus.publish(bus.topics.job_submit(), build_job(
         job, function, params, inputs, receiver, receiver_key, points, since, until,
@@ -394,15 +396,21 @@ class ResultReceiver:
         return envs
 
     def _open(self, job: str, envs: list[Envelope], params: Mapping[str, Any] | None) -> JobResult:
-        function = envs[0]["function"]
-        labels = envs[0]["labels"]
-        if any(e["function"] != function or e["labels"] != labels for e in envs):
-            raise ValidationError("the nodes' results disagree on function or row labels")
+        """Open, combine and decode. The parameters come signed with the shares (all three
+        must agree); any parameter the caller names in ``params`` must have its value there."""
+        function, labels, packed = envs[0]["function"], envs[0]["labels"], envs[0]["params"]
+        if any(e["function"] != function or e["labels"] != labels or e["params"] != packed
+               for e in envs):
+            raise ValidationError("the nodes' results disagree on function, parameters or rows")
+        ran = unpack_params(packed)
+        differ = sorted(k for k, v in (params or {}).items() if ran.get(k) != v)
+        if differ:
+            raise ValidationError(f"job {job} ran with other parameters than expected: {differ}")
         opened = [open_output(e["blob"], self.key, job=job, function=function, party=e["party"])
                   for e in envs]
         values = combine_outputs(opened)
         spec = get_function(function)
-        decoded = spec.decode(spec.parse(params) if params is not None else None, values)
+        decoded = spec.decode(spec.parse(ran), values)
         if len(decoded) != len(labels):
             raise ValidationError("result rows do not match the labels")
         return JobResult(job, function, list(labels), list(decoded))

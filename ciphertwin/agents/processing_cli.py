@@ -168,7 +168,7 @@ def _job_window(args: argparse.Namespace) -> tuple[float, float]:
 
 async def _job_submit(args: argparse.Namespace) -> int:
     from ciphertwin.agents.processing import follow_status, new_job_id, submit_job
-    from ciphertwin.protocol.jobs import DEFAULT_FIELDS, check_job_shape
+    from ciphertwin.protocol.jobs import DEFAULT_FIELDS, check_job_shape, with_defaults
 
     inputs, params = _job_inputs(args.input), json_object_option(args.params, "--params")
     fields, (since, until) = _job_fields(args), _job_window(args)
@@ -176,6 +176,7 @@ async def _job_submit(args: argparse.Namespace) -> int:
         if args.function not in DEFAULT_FIELDS:
             raise ValidationError(f"{args.function}: no default field encodings; give --fields")
         fields = {f: enc.as_dict() for f, enc in DEFAULT_FIELDS[args.function].items()}
+    params = with_defaults(args.function, params, fields)  # e.g. a sum's frac_bits: its field's
     check_job_shape(args.function, params, fields, since, until, args.epoch_s)  # fail at once
     receiver = load_public(args.receiver_key)
     job = args.job or new_job_id()
@@ -213,14 +214,7 @@ async def _receiver_results(args: argparse.Namespace) -> int:
     async with bus_for(args, deployment) as bus:
         async with ResultReceiver(bus, me.name, me.hpke, operator=operator,
                                   roster_state=home(args) / ROSTER_STATE_FILE) as rx:
-            try:
-                result = await rx.result(args.job, params, timeout=args.timeout)
-            except AttributeError:  # a decoder that needs the parameters got None
-                if params is not None:
-                    raise
-                raise ValidationError(f"job {args.job}: its function needs the job's parameters "
-                                      "to decode the result: give --params as submitted, e.g. "
-                                      "'{\"frac_bits\": 16}'") from None
+            result = await rx.result(args.job, params, timeout=args.timeout)
     if args.out:
         write_results(result, Path(args.out), args.format)
         print(f"{len(result.labels)} results of {args.job} written to {args.out}")
@@ -307,7 +301,8 @@ def add_receiver_commands(rsub: Any) -> None:
                         "(also after the job finished: results are retained)")
     add_common(p)
     p.add_argument("--job", required=True)
-    p.add_argument("--params", help="the job's parameters (JSON or @file), for decoding")
+    p.add_argument("--params", help="parameters (JSON or @file) the job must have run with; "
+                                    "the results carry the job's own, signed")
     add_operator_key_option(p)
     p.add_argument("--out", help="file (.json or .csv); default: print JSON")
     p.add_argument("--format", choices=["json", "csv"])

@@ -615,7 +615,8 @@ class ProcessingNode:
         self.ledger.record_result(job, topic)  # first: a crash in between still gets it cleared
         await self.bus.publish(topic, build_result(
             job, env["function"], self.identity.index, self.name, labels, blob,
-            self.identity.signing, roster=checked.roster.digest), retain=True)
+            self.identity.signing, roster=checked.roster.digest, params=env["params"]),
+            retain=True)
         await self._status(job, "delivered", progress=1.0, round_=rounds, rounds=rounds)
         log.info("node.job_done", node=self.name, job=job, rounds=rounds, rows=len(labels))
 

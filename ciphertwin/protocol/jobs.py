@@ -101,8 +101,9 @@ JOB_STATUS = register_kind("job_status", {
     "layout": Opt(DIGEST),
 })
 JOB_RESULT = register_kind("job_result", {
-    "job": ID, "function": Str(64, 1), "party": Int(0, 2), "node": ID, "roster": DIGEST,
-    "labels": ListOf(ID, MAX_TWINS), "blob": Bytes(64 * 1024 * 1024, 16), "sig": SIG,
+    "job": ID, "function": Str(64, 1), "params": PARAMS, "party": Int(0, 2), "node": ID,
+    "roster": DIGEST, "labels": ListOf(ID, MAX_TWINS), "blob": Bytes(64 * 1024 * 1024, 16),
+    "sig": SIG,
 }, max_size=80 * 1024 * 1024)
 
 _ROSTER_CTX, _STATUS_CTX, _RESULT_CTX = "node-roster", "job-status", "job-result"
@@ -274,6 +275,20 @@ class JobShape:
     epochs: int
 
 
+def with_defaults(function: str, params: Mapping[str, Any],
+                  fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` plus what the declared encodings imply where the submitter gave nothing
+    (``FunctionSpec.defaults``: a sum's frac_bits, a comparison's value_bits). The job then
+    names every parameter explicitly, so cloud and nodes check exactly what runs."""
+    from ciphertwin.mpc_nodes.functions import get_function  # the MPC side, only when checking
+
+    fn = get_function(function)
+    encodings = parse_encodings(fields)
+    bindings = default_bindings(function, encodings)
+    implied = fn.defaults({name: encodings[b["field"]] for name, b in bindings.items()})
+    return {**implied, **params}
+
+
 def check_job_shape(function: str, params: Mapping[str, Any], fields: Mapping[str, Any],
                     since: float, until: float, epoch_s: int) -> JobShape:
     """What submitter, cloud and nodes each check before anything else (one piece of code):
@@ -324,11 +339,12 @@ def verify_status(env: Envelope, key: VerifyKey) -> None:
 
 
 def build_result(job: str, function: str, party: int, node: str, labels: Sequence[str],
-                 blob: bytes, signer: SigningKey, *, roster: bytes) -> bytes:
-    """Output share message: the HPKE blob, the row labels and the digest of the roster the
+                 blob: bytes, signer: SigningKey, *, roster: bytes, params: bytes) -> bytes:
+    """Output share message: the HPKE blob, the row labels, the job's packed parameters (the
+    receiver decodes with them, whoever submitted the job) and the digest of the roster the
     job ran on (the receiver checks the signature against that roster), signed by the node."""
-    body: dict[str, Any] = {"job": job, "function": function, "party": party, "node": node,
-                            "roster": roster, "labels": list(labels), "blob": blob}
+    body: dict[str, Any] = {"job": job, "function": function, "params": params, "party": party,
+                            "node": node, "roster": roster, "labels": list(labels), "blob": blob}
     body["sig"] = signer.sign_object(_RESULT_CTX, _result_signed(body))
     return encode("job_result", body)
 

@@ -37,6 +37,7 @@ from ciphertwin.mpc_nodes.protocols.arithmetic import mask_additive
 from ciphertwin.mpc_nodes.protocols.boolean import b2a_additive, ltz, ltz_rounds
 from ciphertwin.mpc_nodes.ring import DTYPE, to_signed
 from ciphertwin.mpc_nodes.shares import ArithShare
+from ciphertwin.protocol.job_epochs import FieldEncoding
 
 INPUTS = {"values": USER}
 MAX_EDGES = 256
@@ -72,6 +73,17 @@ def _check_frac(name: str) -> Any:
                 f"{name}: the field is encoded with frac {enc.frac} but frac_bits={p.frac_bits}; "
                 f"set frac_bits to {enc.frac} so the result decodes in {enc.unit!r}")
     return check
+
+
+def _frac_default(encodings: Mapping[str, FieldEncoding]) -> dict[str, Any]:
+    """A sum or mean decodes in the field's own scale."""
+    return {"frac_bits": encodings["values"].frac} if "values" in encodings else {}
+
+
+def _value_bits_default(encodings: Mapping[str, FieldEncoding]) -> dict[str, Any]:
+    """The narrowest comparison the declared range allows (fewer bits, fewer bytes sent)."""
+    enc = encodings.get("values")
+    return {"value_bits": max(1, enc.bound.bit_length())} if enc is not None else {}
 
 
 async def sum_protocol(party: Party, _p: SumParams, inputs: Mapping[str, ArithShare],
@@ -219,18 +231,20 @@ def _fixed(rounds: int) -> Any:
 
 SUM = register(FunctionSpec(
     "sum", "aggregate", INPUTS, parse_sum, sum_protocol, sum_reference, sum_decode,
-    rounds=_fixed(0), check_encodings=_check_frac("sum"), doc="Σ of each user row's readings"))
+    rounds=_fixed(0), check_encodings=_check_frac("sum"), defaults=_frac_default, doc="Σ of each user row's readings"))
 MEAN = register(FunctionSpec(
     "mean", "aggregate", INPUTS, parse_sum, mean_protocol, mean_reference, mean_decode,
-    rounds=_fixed(0), check_encodings=_check_frac("mean"),
+    rounds=_fixed(0), check_encodings=_check_frac("mean"), defaults=_frac_default,
     doc="mean of each user row's readings (None for a row without readings)"))
 COUNT_ABOVE = register(FunctionSpec(
     "count_above", "distribution", INPUTS, parse_count_above, count_above_protocol,
     count_above_reference, counts_decode, rounds=lambda p, _layout: ltz_rounds(p.bits) + 1,
     check_encodings=_check_value_bits("count_above"), input_bits=lambda p: p.bits,
+    defaults=_value_bits_default,
     doc="#{v > threshold} per user row"))
 HISTOGRAM = register(FunctionSpec(
     "histogram", "distribution", INPUTS, parse_histogram, histogram_protocol,
     histogram_reference, counts_decode, rounds=lambda p, _layout: ltz_rounds(p.bits) + 1,
     check_encodings=_check_value_bits("histogram"), input_bits=lambda p: p.bits,
+    defaults=_value_bits_default,
     doc="counts per [e_j, e_j+1) per user row"))

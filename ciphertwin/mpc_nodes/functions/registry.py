@@ -20,7 +20,9 @@ which epoch every reading belongs to) — no padding anywhere. Contract for ever
 * ``rounds(p, layout)``: rounds of ``protocol`` (inputs not counted); it may depend on the
   public layout, never on secrets. ``layout=None`` gives an upper bound (for parties that
   do not know the layout, e.g. the cloud's progress report);
-* ``decode(p, opened)`` → what the receiver reads (ints, floats, ``None``).
+* ``decode(p, opened)`` → what the receiver reads (ints, floats, ``None``);
+* ``defaults(encodings)`` → parameters implied by the declared encodings ({input: encoding}),
+  filled in by the submitter where it gave none (e.g. a sum's ``frac_bits`` is its field's).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class FunctionSpec:
     rounds: Rounds
     check_encodings: CheckEncodings
     input_bits: Callable[[Any], int] = field(default=lambda _p: 64)
+    defaults: Callable[[Mapping[str, FieldEncoding]], dict[str, Any]] = field(
+        default=lambda _encodings: {})
     doc: str = ""
 
     @property
