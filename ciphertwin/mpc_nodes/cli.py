@@ -17,25 +17,31 @@ import asyncio
 import os
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ciphertwin.agents.cli_base import add_common, bus_for, home, identity, init_principal
 from ciphertwin.agents.operator_cli import add_operator_key_option, pinned_operator
 from ciphertwin.config.settings import load_deployment
 from ciphertwin.errors import ValidationError
-from ciphertwin.mpc_nodes.entry_file import write_entry_file
-from ciphertwin.mpc_nodes.roster import NodeIdentity
-from ciphertwin.protocol import share_open
 from ciphertwin.protocol.roster_trust import ROSTER_STATE_FILE
-from ciphertwin.workers import worker_pool
+
+if TYPE_CHECKING:
+    from ciphertwin.mpc_nodes.roster import NodeIdentity
+
+# The MPC modules (numpy) are imported only by the commands that need them: every
+# `ciphertwin …` invocation builds this parser.
 
 
 def _node_identity(args: argparse.Namespace, index: int) -> tuple[Any, NodeIdentity]:
+    from ciphertwin.mpc_nodes.roster import NodeIdentity
+
     me = identity(args)
     return me, NodeIdentity(index, me.name, me.signing, me.hpke.private_key)
 
 
 def _entry(args: argparse.Namespace) -> int:
+    from ciphertwin.mpc_nodes.entry_file import write_entry_file
+
     me, node = _node_identity(args, args.index)
     written = write_entry_file(args.out, node, me.pre.public)
     print(f"roster entry of {me.name} (index {args.index}, key fingerprint "
@@ -55,6 +61,8 @@ async def _serve(args: argparse.Namespace) -> None:
     """Run until cancelled (SIGINT/SIGTERM): the pool and the ledger are closed on the way out."""
     from ciphertwin.mpc_nodes.ledger import NodeLedger
     from ciphertwin.mpc_nodes.service import ProcessingNode
+    from ciphertwin.protocol import share_open
+    from ciphertwin.workers import worker_pool
 
     deployment = load_deployment(args.config)
     operator = pinned_operator(args.operator_key, deployment)
