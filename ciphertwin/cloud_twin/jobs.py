@@ -511,7 +511,10 @@ class JobManager:
                                         "items": items}
                 if spec is not None:
                     body["spec"] = spec
-                await self.cloud.bus.publish(topic, encode("node_inputs", body))
+                # a busy broker or host may take long to acknowledge megabytes: as long as a
+                # node may stay silent, not the bus client's default of a few seconds
+                await self.cloud.bus.publish(topic, encode("node_inputs", body),
+                                             timeout=self.node_timeout_s)
 
         await asyncio.gather(*(one(node, chunks)
                                for node, chunks in zip(roster.node_ids, per_node, strict=True)))
