@@ -212,3 +212,21 @@ async def test_nodes_refuse_to_compute_on_different_layouts(monkeypatch: pytest.
         assert status["state"] == "failed" and result is None
         assert "nodes disagree on the input layout" in status["reason"], status["reason"]
         await pw.until(lambda: all(status["job"] in n.refused for n in w.nodes))
+
+
+async def test_twins_the_cloud_has_not_seen_and_twins_of_others() -> None:
+    """A twin that never uploaded is admitted only when its owner's signed token lists it (it
+    then adds no readings); another owner's twin, or an unlisted unknown one, is refused."""
+    async with AsyncExitStack() as stack:
+        env, inputs = await _setup(stack)
+        owner_a, owner_b = env.w.phones["ua"].owner, env.w.phones["ub"].owner
+        ref = inputs[-1]
+        # someone else's twin under owner_a's name: refused by the cloud, with the reason
+        status, _ = await pw.run(env, [(owner_a, "ub", "user"), ref])
+        assert status["state"] == "failed" and f"twin ub is not a twin of {owner_a}" in status["reason"]
+        # a twin nobody uploaded to, not in owner_a's token: refused
+        status, _ = await pw.run(env, [(owner_a, "ua", "user"), (owner_a, "ghost", "user"), ref])
+        assert status["state"] == "failed" and "does not cover" in status["reason"], status["reason"]
+        # owner_b's token lists its twin, which has readings; a job with it alone still runs
+        status, result = await pw.run(env, [(owner_b, "ub", "user"), ref])
+        assert status["state"] == "done" and result.as_dict() == {"ub": 0}

@@ -6,7 +6,8 @@ The cloud never opens anything here. For a job it:
    an operator key it follows none (so runs no job): the cloud must not pick the nodes;
 1. checks the request at once (function and parameters, the epoch window, the declared field
    encodings and that they fit the function) and pins it to the current roster; when it runs,
-   each owner registered, owns the twin, and holds a stored, unrevoked process token admitting
+   each owner registered, owns the twin (or the twin has not uploaded yet and the owner's
+   token lists it), and holds a stored, unrevoked process token admitting
    the pinned roster (checked first, so a pre-swap token says so), the function class, the
    receiver key and (in its signed body) every requested twin — the nodes check all of it
    again, the cloud only avoids useless work;
@@ -380,8 +381,11 @@ class JobManager:
                 raise JobFailed(f"owner {owner} is not registered")
             mine = twins_of[owner]
             for twin in mine:
+                # a twin bound to another owner is refused; one that never uploaded is bound to
+                # nobody yet and is admitted only if the owner's signed token lists it (below):
+                # it contributes no readings (e.g. a user without readings in the window)
                 o = self.cloud.trust.owner_of_twin(twin)
-                if o is None or o.name != owner:
+                if o is not None and o.name != owner:
                     raise JobFailed(f"twin {twin} is not a twin of {owner}")
 
             def admits(token: ProcessToken, mine: list[str] = mine) -> None:

@@ -277,18 +277,6 @@ async def _add_owner(world: World, user: str, policy: KeyEpochPolicy, bus: BusCl
                                DataKeyManager(pre.public, policy, max_open_epochs=256))
 
 
-ANNOUNCE_BEFORE_S = 60
-"""A user without readings still has a twin: the cloud learns which owner a twin belongs to
-from its first stored item, and refuses a job naming a twin it has never seen. So the phone of
-a user without readings uploads one reading this long *before* the job window — it is not
-part of the job (nor of the plaintext reference); the user's count stays 0."""
-
-
-def _announcement(paths: Paths, t: float) -> dict[str, Any]:
-    origin = (paths.geo.lat0, paths.geo.lon0) if paths.geo is not None else (0.0, 0.0)
-    return location_readings(paths, [(t, *origin)])[0]
-
-
 def location_readings(paths: Paths, path: Sequence[Reading]) -> list[dict[str, Any]]:
     """A path as the readings a phone's sensor gives: lat/lon (projected by the phone's share
     mode) or x/y metres, at their own times, in the order given."""
@@ -499,8 +487,8 @@ async def prepare(w: World, paths: Paths, key_epochs: int, owners_bus: BusClient
     """Owners and phones for every path; 2+ (grants, tokens) and 3+ (share upload).
 
     Returns (start of the job window, timings). Readings go up at their own times, in the
-    order given; a user without readings is registered and permitted, and its phone uploads
-    only the announcement before the window (:data:`ANNOUNCE_BEFORE_S`).
+    order given; a user without readings is registered and permitted and uploads nothing (its
+    owner's token names the twin, so the cloud admits it; its count is 0).
     """
     since, until = job_window(paths)
     policy = epoch_policy(math.ceil((until - since) / POINT_INTERVAL_S), key_epochs)
@@ -509,9 +497,6 @@ async def prepare(w: World, paths: Paths, key_epochs: int, owners_bus: BusClient
                      paths.geo)
     readings = {w.twins[u]: location_readings(paths, p) for u, p in paths.users.items()}
     readings[REF_TWIN] = location_readings(paths, paths.reference)
-    for twin, its in readings.items():
-        if not its:  # the cloud knows a twin from its first upload (see ANNOUNCE_BEFORE_S)
-            its.append(_announcement(paths, since - ANNOUNCE_BEFORE_S))
     # one standing subscription for every owner's control replies (no per-request subscribe)
     await owners_bus.subscribe(owners_bus.topics.filter("replies"), None)
     await add_owners(w, list(readings), policy, owners_bus, since)
