@@ -6,17 +6,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 command -v ciphertwin >/dev/null || export PATH="$here/.venv/bin:$PATH"
 WORKDIR=${WORKDIR:-$(mktemp -d)}
-mkdir -p "$WORKDIR"
-sed "s|\.\./var|$WORKDIR/var|; s|port = 1884|port = ${PORT:-1884}|" \
-    "$here/config/quickstart.toml" > "$WORKDIR/deployment.toml"
-export CIPHERTWIN_CONFIG=$WORKDIR/deployment.toml
-export CIPHERTWIN_HOME=$WORKDIR/home                     # key folders of every principal
-export CIPHERTWIN_PASSPHRASE=${CIPHERTWIN_PASSPHRASE:-'correct horse battery staple'}
-export CIPHERTWIN_BUNDLE_PASSPHRASE=${CIPHERTWIN_BUNDLE_PASSPHRASE:-'tell the installer only'}
-export CIPHERTWIN_CLOUD_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
-# everyone pins the operator key that signs the node roster (config: [processing] operator_key)
-export CIPHERTWIN_PROCESSING__OPERATOR_KEY=$WORKDIR/home/operator/public.key
-q="--log-level WARNING"
+PORT=${PORT:-1884}
+source "$here/examples/deployment-env.sh"
 pids=()
 trap 'kill ${pids[@]} 2>/dev/null; wait 2>/dev/null' EXIT
 

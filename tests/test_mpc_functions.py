@@ -9,7 +9,6 @@ plan or the vectorised ``reference`` (which is checked against them separately).
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ciphertwin.demo import plaintext
 from ciphertwin.errors import ValidationError
 from ciphertwin.mpc_nodes.engine import check_encodings, expected_rounds, load_inputs, run_function
 from ciphertwin.mpc_nodes.errors import TamperedMessageError, UnknownFunctionError
@@ -70,28 +70,14 @@ def run_readings(name: str, params: dict[str, Any], spec: dict[str, Any], readin
 
 def contact_oracle(readings: Sequence[Reading], users: Sequence[str], ref: str, *, radius: int,
                    window: int, since: float, epoch_s: int) -> dict[str, int]:
-    """Straight from the definition: per user, epochs with a reading that has some reference
-    reading within ±window epochs closer than radius."""
-    first = math.floor(since / epoch_s)
-    ref_at: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    mine: dict[str, dict[int, list[tuple[int, int]]]] = {u: defaultdict(list) for u in users}
-    for r in readings:
-        e = math.floor(r.time / epoch_s) - first
-        point = (r.values["x"], r.values["y"])
-        if r.twin == ref:
-            ref_at[e].append(point)
-        elif r.twin in mine:
-            mine[r.twin][e].append(point)
-    out = {}
-    for u in users:
-        count = 0
-        for e, points in mine[u].items():
-            near = [b for d in range(-window, window + 1) for b in ref_at.get(e + d, [])]
-            if any((ax - bx) ** 2 + (ay - by) ** 2 < radius * radius
-                   for ax, ay in points for bx, by in near):
-                count += 1
-        out[u] = count
-    return out
+    """The definition (``demo.plaintext``: dicts of epochs, plain loops) on the readings as the
+    devices sent them — already integers, so the encoding is the identity."""
+    identity = FieldEncoding("1", 0, -float(2**40), float(2**40))
+    track = lambda twin: [(r.time, r.values["x"], r.values["y"])  # noqa: E731
+                          for r in readings if r.twin == twin]
+    return plaintext.contact_tracing({u: track(u) for u in users}, track(ref), encoding=identity,
+                                     radius=radius, since=since, until=math.inf,
+                                     epoch_s=epoch_s, window=window)
 
 
 @st.composite
