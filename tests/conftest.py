@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 
 import pytest
+import structlog
 from ports import port_open
 
 
@@ -28,3 +30,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"mosquitto 127.0.0.1:1883: {'up' if port_open(MOSQUITTO[1], MOSQUITTO[0], 0.5) else 'ABSENT - tests skipped'}",
         f"postgres 127.0.0.1:5432: {'up' if port_open(POSTGRES[1], POSTGRES[0], 0.5) else 'ABSENT - tests skipped'}",
     ]
+
+
+@pytest.fixture(autouse=True)
+def _logging_config_stays_with_its_test() -> Iterator[None]:
+    """A test that runs a CLI in-process configures structlog (level WARNING, say); without
+    this the next test in the same worker would inherit it — and `capture_logs` would see no
+    info events, depending on which files a worker happened to run first."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
