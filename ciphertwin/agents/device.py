@@ -63,9 +63,10 @@ class DeviceAgent:
         self.expand = expand
         self.window, self.resend_after = window, resend_after
         self.resend_after_reconnect = min(resend_after, resend_after_reconnect)
-        self._acked_on = -1  # bus.reconnects when the last acknowledgement arrived (-1: none yet)
+        self._acked_on = -1  # bus connection (``bus.reconnects``) whose items were last acknowledged
         self._sent_upto = 0
-        self._inflight: dict[int, float] = {}
+        self._inflight: dict[int, float] = {}  # seq -> loop time it was (last) published
+        self._sent_on: dict[int, int] = {}  # seq -> bus connection it was (last) published on
         self._refused: set[int] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -98,13 +99,18 @@ class DeviceAgent:
     # -- sending ------------------------------------------------------------------------
     async def _on_ack(self, topic: str, payload: bytes, retain: bool) -> None:
         ack = decode(payload, "ack")
-        self._acked_on = self.bus.reconnects
+        # Only an acknowledgement of an item published on this connection shows the cloud
+        # is listening again: acks of items it took before a restart arrive late as well.
+        if any(self._sent_on.get(seq) == self.bus.reconnects for seq in ack["seqs"]):
+            self._acked_on = self.bus.reconnects
         if ack["seqs"]:
             self.acknowledged += await self.outbox.acknowledge(ack["seqs"])
         for seq in ack["seqs"]:
             self._inflight.pop(seq, None)
+            self._sent_on.pop(seq, None)
         for refusal in ack["rejected"]:
             self._inflight.pop(refusal["seq"], None)
+            self._sent_on.pop(refusal["seq"], None)
             self._refused.add(refusal["seq"])
             log.error("device.item_refused_by_cloud", seq=refusal["seq"],
                       reason=refusal["reason"], hint="kept in the outbox; not resent")
@@ -113,6 +119,7 @@ class DeviceAgent:
     async def _send(self) -> None:
         loop = asyncio.get_running_loop()
         self._inflight.clear()  # a (re)started sender sends every pending item again
+        self._sent_on.clear()
         self._sent_upto = 0
         while True:
             room = self.window - len(self._inflight)
@@ -125,6 +132,7 @@ class DeviceAgent:
                 if not await self._publish(seq, payload):
                     self._inflight.pop(seq, None)
                     break  # retried from this item on
+                self._sent_on[seq] = self.bus.reconnects
                 self._sent_upto = max(self._sent_upto, seq)
             if batch:
                 continue
@@ -139,10 +147,11 @@ class DeviceAgent:
                 log.info("device.resending", unacknowledged=len(self._inflight),
                          after_s=resend_after)
                 self._inflight.clear()
+                self._sent_on.clear()
                 self._sent_upto = 0  # publish every pending item again, oldest first
 
     def _resend_after(self) -> float:
-        """Short while nothing was acknowledged since the bus (re)connected (see
+        """Short until an item published since the bus (re)connected is acknowledged (see
         ``resend_after_reconnect``), else ``resend_after``."""
         if self.bus.reconnects != self._acked_on:
             return self.resend_after_reconnect
