@@ -31,6 +31,9 @@ from ciphertwin.agents.cli_base import parse_time as _time
 from ciphertwin.agents.identity import (
     PASSPHRASE_ENV, default_home, load_public, passphrase_from_env_or_prompt,
 )
+from ciphertwin.agents.interact_cli import add_owner_commands as add_owner_interact_commands
+from ciphertwin.agents.interact_cli import format_state_change
+from ciphertwin.agents.interact_cli import register as register_request
 from ciphertwin.agents.processing_cli import add_owner_commands, add_receiver_commands
 from ciphertwin.bus.client import BusClient
 from ciphertwin.config.passwords import generate_password
@@ -96,7 +99,7 @@ async def _owner_enroll(args: argparse.Namespace) -> int:
                                                             "sensor": args.sensor}
     rules = json.loads(args.rules) if args.rules else []
     async with _bus_for(args, deployment) as bus:
-        owner = OwnerAgent(_identity(args), bus)
+        owner = OwnerAgent(_identity(args), bus, home=_home(args))
         bundle = owner.enroll_device(
             args.twin, args.device, BrokerConnection(b.host, b.port, args.device, password,
                                                      b.prefix, b.tls.enabled),
@@ -157,9 +160,14 @@ async def _history(args: argparse.Namespace) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
+    from ciphertwin.agents.reader import StateChange
+
     async with _bus_for(args, load_deployment(args.config)) as bus:
-        async for item in _reader(args, bus).watch(args.twin):
-            _print_items([item], args.json)
+        async for event in _reader(args, bus).watch_all(args.twin):
+            if isinstance(event, StateChange):
+                print(format_state_change(event, args.json))
+            else:
+                _print_items([event], args.json)
             sys.stdout.flush()
     return 0
 
@@ -237,8 +245,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("grant_id")
     p.set_defaults(func=_owner_revoke)
     add_owner_commands(osub)
+    add_owner_interact_commands(osub)
     for verb, fn in (("history", _history), ("watch", _watch)):
-        p = osub.add_parser(verb, help=f"{verb} of a twin, decrypted")
+        p = osub.add_parser(verb, help=f"{verb} of a twin, decrypted"
+                            + (" (items and state changes)" if verb == "watch" else ""))
         _common(p)
         p.add_argument("twin")
         p.add_argument("--json", action="store_true")
@@ -283,9 +293,11 @@ def register(subparsers: Any) -> None:
                         "(default <home>/share-mode.toml; docs/processing.md)")
     p.set_defaults(func=_device_run)
 
-    watch = subparsers.add_parser("watch", help="show decrypted live items of a twin")
+    watch = subparsers.add_parser("watch", help="show decrypted live items and state changes "
+                                                "(desired set, device reported) of a twin")
     _common(watch)
     watch.add_argument("twin")
     watch.add_argument("--json", action="store_true")
     watch.add_argument("--owner-key", help="twin owner's public.key (needed unless an owner)")
     watch.set_defaults(func=_watch)
+    register_request(subparsers)
