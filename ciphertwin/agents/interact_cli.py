@@ -40,7 +40,7 @@ from ciphertwin.agents.cli_base import (
     EXIT_FAILED, EXIT_TIMEOUT, add_common, bus_for, fail, home, identity, iso_utc,
     json_object_option, parse_time,
 )
-from ciphertwin.config.files import read_private_file, read_public_file, write_private_file
+from ciphertwin.config.files import read_public_file, write_private_file
 from ciphertwin.config.settings import load_deployment
 from ciphertwin.errors import ValidationError
 
@@ -83,11 +83,7 @@ def read_token(path: Path) -> Any:
     """An interact token file (public: a signed capability only its holder's key can use)."""
     from ciphertwin.crypto.tokens import InteractToken
 
-    try:
-        data = read_public_file(path, 64 * 1024)
-    except OSError as exc:
-        raise ValidationError(f"cannot read interact token {path} ({exc.strerror})") from None
-    return InteractToken.from_bytes(data)
+    return InteractToken.from_bytes(read_public_file(path, 64 * 1024))
 
 
 class _Principal:
@@ -276,8 +272,6 @@ def read_approval(path: str, twin: str, request_id: str, op: str) -> dict[str, A
             raise ValueError("not an approval file")
         approval = {"approver": str(data["approver"]), "sig": bytes.fromhex(data["sig"])}
         made_for = (data["twin"], data["request_id"], data["op"])
-    except OSError as exc:
-        raise ValidationError(f"--approval: cannot read {path!r} ({exc.strerror})") from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValidationError(f"--approval {path!r}: {exc}") from None
     if made_for != (twin, request_id, op):
