@@ -8,6 +8,7 @@
     ciphertwin request send --name bob --twin T --op OP --args JSON [--wake] \\
         [--approval FILE …] [--attachment FILE] [--request-id ID] --wait
     ciphertwin request approve --name carol --twin T --op OP --args JSON --request-id ID --out F
+    ciphertwin request sign-image --name signer --attachment IMAGE   (hex for args "image_sig")
     ciphertwin request set-desired / get-state …   (a requester, through its token)
 
 Wiring: ``agents.cli`` calls :func:`add_owner_commands` (on its ``owner`` parser) and
@@ -333,6 +334,17 @@ def _request_new_id(args: argparse.Namespace) -> int:
     return 0
 
 
+def _request_sign_image(args: argparse.Namespace) -> int:
+    """The image signer's signature over an attachment, as the firmware rule wants it in the
+    request's arguments (``"image_sig": "<hex>"``)."""
+    from ciphertwin.protocol.twin_requests import sign_image
+
+    image = _attachment(args.attachment)
+    assert image is not None
+    print(sign_image(identity(args).signing, image).hex())
+    return 0
+
+
 # --- registration --------------------------------------------------------------------------
 def _state_commands(sub: Any) -> None:
     """``set-desired`` and ``get-state`` under ``owner`` and ``request`` (same handlers)."""
@@ -405,4 +417,9 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_request_approve)
     p = rsub.add_parser("new-id", help="print a fresh request id (for approvals)")
     p.set_defaults(func=_request_new_id)
+    p = rsub.add_parser("sign-image", help='sign a firmware image: prints the hex signature '
+                                           'a request carries as args {"image_sig": …}')
+    add_common(p)
+    p.add_argument("--attachment", required=True, help="the image file")
+    p.set_defaults(func=_request_sign_image)
     _state_commands(rsub)

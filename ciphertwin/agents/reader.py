@@ -185,9 +185,10 @@ class TwinReader:
                 return out
 
     def open_desired(self, doc: bytes, key: bytes) -> DesiredDoc:
-        """Open a ``desired_set`` envelope with the wrap addressed to this reader."""
+        """Open a ``desired_set`` envelope with the wrap addressed to this reader (a writer's
+        permit is checked as of the write: it may have expired since)."""
         env = decode(doc, "desired_set")
-        return open_desired(env, key, self.pre, self.owner_key(env["twin"]))
+        return open_desired(env, key, self.pre, self.owner_key(env["twin"]), now=env["time"])
 
     def open_reported(self, doc: bytes, key: bytes) -> ReportedDoc:
         """Open a ``reported_set`` envelope with the wrap addressed to this reader."""
