@@ -42,6 +42,10 @@ from ciphertwin.cloud_twin.store import (
     RequestState,
     TwinStore,
 )
+from ciphertwin.cloud_twin.trust import Owner, Rejected
+from ciphertwin.crypto.errors import TokenRejected
+from ciphertwin.crypto.tokens import InteractToken, verify_interact_token
+from ciphertwin.errors import ValidationError
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +53,7 @@ QUEUED, DELIVERED, ANSWERED, REFUSED, EXPIRED = (
     "queued", "delivered", "answered", "refused", "expired")
 WAKE_CAP_REACHED = "wake cap reached"
 _PRESENCE_NS, _WAKES_NS = "presence", "wakes"
+_TOKENS_NS, _REVOKED_NS = "interact_token", "interact_revoked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,14 +294,23 @@ class RequestRouter:
             log.info("requests.presence_stale", twin=p.twin, device=p.device)
             return 0
         now = self.clock()
-        was_live = key in self._live and known is not None and known.awake_at(p.time)
+        new_period = self.starts_awake_period(p)
         self.presence[key] = p
         await self.store.put_kv(_PRESENCE_NS, f"{p.twin}/{p.device}", p.pack())
         if not p.awake_at(now):
             self._live.discard(key)
             return 0
         self._live.add(key)
-        return await self._flush(p.twin, p.device, redeliver=not was_live)
+        return await self._flush(p.twin, p.device, redeliver=new_period)
+
+    def starts_awake_period(self, p: Presence) -> bool:
+        """Does this (not yet recorded) presence begin an awake period this process has not
+        served yet? Then everything the device may have missed is sent again."""
+        key = (p.twin, p.device)
+        known = self.presence.get(key)
+        if not p.awake_at(self.clock()) or (known is not None and p.time < known.time):
+            return False
+        return not (key in self._live and known is not None and known.awake_at(p.time))
 
     async def _flush_logged(self, twin: str, device: str, *, quiet: tuple[str, str]) -> int:
         """``_flush`` of new requests; a failure (the broker, the store) leaves them queued
@@ -400,3 +414,83 @@ class RequestRouter:
             log.warning("requests.status_failed", requester=requester, request=request_id,
                         error=f"{type(exc).__name__}: {exc}")
 
+
+
+class InteractBook:
+    """The InteractTokens owners installed (``interact_grant``) and revoked
+    (``interact_revoke``), in memory and in the store.
+
+    A permit in a desired write or a request counts only if its owner installed exactly
+    these bytes and has not revoked it: a revocation takes effect with the next message,
+    even for a token that is otherwise valid for a year (the device checks it again)."""
+
+    def __init__(self, store: TwinStore) -> None:
+        self.store = store
+        self.tokens: dict[bytes, InteractToken] = {}
+        self._raw: dict[bytes, bytes] = {}
+        self.revoked: dict[bytes, tuple[str, bytes]] = {}
+        """token id -> (owner, the owner-signed interact_revoke envelope, to forward)."""
+
+    async def load(self) -> None:
+        for key, raw in (await self.store.list_kv(_TOKENS_NS)).items():
+            try:
+                token = InteractToken.from_bytes(raw)
+            except ValidationError:
+                log.warning("interact.bad_stored_token", token=key)
+                continue
+            self.tokens[token.token_id], self._raw[token.token_id] = token, raw
+        for key, raw in (await self.store.list_kv(_REVOKED_NS)).items():
+            owner, _, envelope = raw.partition(b"\x00")
+            self.revoked[bytes.fromhex(key)] = (owner.decode(), envelope)
+
+    async def install(self, owner: Owner, raw: bytes, now: float) -> InteractToken:
+        """Install a token the owner signed (still valid, not revoked); returns it."""
+        try:
+            token = verify_interact_token(self.parse(raw), owner.verify_key, now=now)
+        except TokenRejected as exc:
+            raise Rejected(f"interact token refused: {exc}") from None
+        if token.token_id in self.revoked:
+            raise Rejected("interact token was revoked")
+        await self.store.put_kv(_TOKENS_NS, token.token_id.hex(), raw)
+        self.tokens[token.token_id], self._raw[token.token_id] = token, raw
+        return token
+
+    async def revoke(self, owner: Owner, token_id: bytes, envelope: bytes) -> InteractToken | None:
+        """Record the owner's revocation (also of a token never installed here: it may be
+        shown to devices directly); the token if it was installed."""
+        token = self.tokens.get(token_id)
+        if token is not None and token.issuer != owner.verify_key:
+            raise Rejected("interact token of another owner")
+        await self.store.put_kv(_REVOKED_NS, token_id.hex(), owner.name.encode() + b"\x00" + envelope)
+        self.revoked[token_id] = (owner.name, envelope)
+        return token
+
+    @staticmethod
+    def parse(raw: bytes) -> InteractToken:
+        try:
+            return InteractToken.from_bytes(raw)
+        except ValidationError as exc:
+            raise Rejected(f"malformed interact token: {exc}") from None
+
+    def check(self, permit: InteractToken) -> None:
+        """Raise Rejected unless ``permit`` (already verified against the owner's key) was
+        installed as these very bytes and is not revoked."""
+        if permit.token_id in self.revoked:
+            raise Rejected("permit revoked by the owner")
+        if self._raw.get(permit.token_id) != permit.to_bytes():
+            raise Rejected("unknown permit: the owner has not installed it at the cloud")
+
+    def holders(self, twin: str) -> set[str]:
+        """Principals with a live (installed, not revoked) token for ``twin``."""
+        return {t.principal for tid, t in self.tokens.items()
+                if twin in t.twins and tid not in self.revoked}
+
+    def revocations_for(self, owner: str, twin: str, now: float) -> list[bytes]:
+        """The owner's revoke envelopes a device of ``twin`` should know (tokens of the twin
+        still within their validity; unknown tokens too, as the cloud cannot tell)."""
+        out = []
+        for tid, (who, envelope) in self.revoked.items():
+            token = self.tokens.get(tid)
+            if who == owner and (token is None or (twin in token.twins and token.not_after > now)):
+                out.append(envelope)
+        return out
