@@ -14,6 +14,7 @@ prompt. Enrollment bundles are always passphrase-sealed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -186,25 +187,41 @@ def _device_enroll(args: argparse.Namespace) -> int:
 async def _device_run(args: argparse.Namespace) -> int:
     from ciphertwin.agents.bundle import load_enrolled_device
     from ciphertwin.agents.device import DeviceAgent
+    from ciphertwin.agents.device_settings import DEVICE_SETTINGS_FILE, load_device_settings
+    from ciphertwin.agents.interaction import DeviceInteraction
     from ciphertwin.agents.outbox import Outbox
     from ciphertwin.agents.sources import make_source
+    from ciphertwin.supervise import spawn
 
     home = Path(args.home) if args.home else default_home(args.name)
     config = load_enrolled_device(home)
+    settings = load_device_settings(args.device_config or home / DEVICE_SETTINGS_FILE,
+                                    required=args.device_config is not None)
+    handler = settings.handler()  # a broken handler entry point fails now, not mid-run
     b = config.broker
     source = make_source(json.loads(args.source) if args.source else config.source)
     async with BusClient(b.host, b.port, username=b.username,
                          password=b.password, prefix=b.prefix, tls_context=b.ssl_context()) as bus, \
             Outbox(home / "outbox.db") as outbox:
-        expand = {}
+        extra: dict[str, Any] = {}
         if args.shares:  # 3+: three additive shares per numeric reading, share:i attributes
             from ciphertwin.agents.share_mode import SHARE_MODE_FILE, load_share_mode
 
-            expand = {"expand": load_share_mode(args.share_config or home / SHARE_MODE_FILE)}
-        agent = DeviceAgent(config, bus, outbox, **expand)
+            extra["expand"] = load_share_mode(args.share_config or home / SHARE_MODE_FILE)
+        manipulator = settings.gatekeeper.manipulator
+        if manipulator.rewrites_outgoing:  # redact / coarsen before anything is sealed
+            extra["outgoing"] = manipulator.outgoing
+        agent = DeviceAgent(config, bus, outbox, **extra)
+        interaction = DeviceInteraction(agent, handler, settings.gatekeeper,
+                                        wake_schedule=settings.wake)
         print(f"device {config.device} → twin {config.twin}: {await outbox.count()} item(s) "
               "waiting in the outbox; Ctrl-C stops", flush=True)
-        await agent.run(source)
+        listener = spawn("device:interaction", interaction.run)
+        try:
+            await agent.run(source)
+        finally:
+            interaction.stop()
+            await asyncio.gather(listener, return_exceptions=True)
     return 0
 
 
@@ -291,6 +308,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--share-config", type=Path,
                    help="share-mode TOML: declared field encodings, optional geo origin "
                         "(default <home>/share-mode.toml; docs/processing.md)")
+    p.add_argument("--device-config", type=Path,
+                   help="gatekeeper and interaction TOML (default <home>/device.toml; see "
+                        "config/device-gatekeeper.example.toml)")
     p.set_defaults(func=_device_run)
 
     watch = subparsers.add_parser("watch", help="show decrypted live items and state changes "
