@@ -311,8 +311,9 @@ class AccessRule:
                    image_signer=signer, silent=silent)
 
     def applies(self, change: Change) -> bool:
-        who = ANY in self.principals or change.principal in self.principals or (
-            change.is_owner and OWNER in self.principals)
+        # "owner" names the owner's key, never a requester that calls itself "owner"
+        named = change.principal != OWNER and change.principal in self.principals
+        who = ANY in self.principals or named or (change.is_owner and OWNER in self.principals)
         return who and (ANY in self.operations or change.op in self.operations)
 
     def failure(self, change: Change, now: float) -> tuple[str, str] | None:
