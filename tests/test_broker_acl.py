@@ -62,11 +62,41 @@ def test_device_only_its_own_twin() -> None:
     assert a.may_publish(T.twin_data("t1")) and a.may_publish(T.reported("t1"))
     assert not a.may_publish(T.twin_data("t2")) and not a.may_publish(T.reported("t2"))
     assert not a.may_publish(T.desired("t1")) and not a.may_publish(T.control("alice"))
-    assert a.may_subscribe(T.ack("t1", "d1")) and a.may_subscribe(T.desired("t1"))
+    assert a.may_subscribe(T.ack("t1", "d1"))
+    # desired state reaches a device re-encrypted through its inbox (issue 11), not the topic
+    assert not a.may_subscribe(T.desired("t1"))
     assert a.may_subscribe(T.inbox("d1")) and a.may_subscribe(T.filter("replies", principal="d1"))
     assert not a.may_subscribe(T.ack("t1", "d2")) and not a.may_subscribe(T.inbox("d2"))
     assert not a.may_subscribe(T.twin_data("t1")) and not a.may_subscribe(T.everything())
     assert not a.may_subscribe(T.filter("ack", device="d1"))  # wildcard twin: too broad
+
+
+def test_device_interaction_topics() -> None:
+    """Issue 11: a device answers requests and announces presence only for its own twin and
+    itself; it never writes desired state or requests."""
+    a = acl("d1")
+    assert a.may_publish(T.answers("t1")) and not a.may_publish(T.answers("t2"))
+    assert a.may_publish(T.presence("d1")) and not a.may_publish(T.presence("d2"))
+    assert not a.may_publish(T.filter("presence")) and not a.may_publish(T.filter("answers"))
+    assert not a.may_publish(T.desired("t1")) and not a.may_publish(T.requests("t1"))
+    assert not a.may_subscribe(T.answers("t1")) and not a.may_subscribe(T.presence("d1"))
+    assert not a.may_publish(T.inbox("d1"))  # only the cloud fills inboxes
+
+
+def test_requesters_and_cloud_for_interaction() -> None:
+    r = acl("rec")
+    assert r.may_publish(T.requests("t1")) and r.may_publish(T.desired("t2"))
+    assert not r.may_publish(T.reported("t1")) and not r.may_publish(T.answers("t1"))
+    assert not r.may_publish(T.presence("d1")) and not r.may_subscribe(T.inbox("d1"))
+    assert r.may_subscribe(T.replies("rec", "r1")) and not r.may_subscribe(T.answers("t1"))
+    o = acl("alice")
+    assert o.may_publish(T.requests("t1")) and not o.may_publish(T.answers("t1"))
+    c = acl("cloud")
+    assert c.may_subscribe(T.answers("t1")) and c.may_subscribe(T.presence("d1"))
+    assert c.may_publish(T.inbox("d1")) and c.may_publish(T.replies("bob", "r1"))
+    for topic in (T.answers("t1"), T.presence("d1"), T.desired("t1"), T.requests("t1"),
+                  T.reported("t1")):
+        assert not c.may_publish(topic), topic
 
 
 def test_owner_addresses_only_its_twins() -> None:

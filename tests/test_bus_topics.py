@@ -20,6 +20,8 @@ T = Topics()
         (T.reported("t1"), "reported", {"twin": "t1"}),
         (T.requests("t1"), "requests", {"twin": "t1"}),
         (T.inbox("d1"), "inbox", {"device": "d1"}),
+        (T.answers("t1"), "answers", {"twin": "t1"}),
+        (T.presence("d1"), "presence", {"device": "d1"}),
         (T.control("alice"), "control", {"owner": "alice"}),
         (T.job_submit(), "job_submit", {}),
         (T.job_status("j:1"), "job_status", {"job": "j:1"}),

@@ -71,8 +71,11 @@ def acl_for(principal: Principal, clients: Registry, topics: Topics) -> Acl:
             sub = [t.everything()]
         case Role.DEVICE:
             twin = principal.twin or ""
-            pub = [t.twin_data(twin), t.reported(twin), t.query(me)]
-            sub = [t.ack(twin, me), t.desired(twin), t.inbox(me), t.filter("replies", principal=me)]
+            # desired state reaches it re-encrypted through its inbox, never from the topic
+            # where writers publish it (that copy is sealed for the owner only)
+            pub = [t.twin_data(twin), t.reported(twin), t.answers(twin), t.presence(me),
+                   t.query(me)]
+            sub = [t.ack(twin, me), t.inbox(me), t.filter("replies", principal=me)]
         case Role.OWNER:
             pub = [t.control(me), t.job_submit(), t.query(me),
                    t.filter("token_revoked", owner=me)]
@@ -88,7 +91,8 @@ def acl_for(principal: Principal, clients: Registry, topics: Topics) -> Acl:
             if principal.operator:
                 pub.append(t.config_nodes())
         case Role.RECEIVER:
-            pub = [t.query(me), t.job_submit(), t.filter("requests")]
+            # requests and desired writes to any twin: the cloud checks the InteractToken
+            pub = [t.query(me), t.job_submit(), t.filter("requests"), t.filter("desired")]
             sub = [
                 t.filter("stream", receiver=me),
                 t.filter("results", receiver=me),

@@ -28,7 +28,9 @@ TEMPLATES: MappingProxyType[str, str] = MappingProxyType(
         "desired": "twins/{twin}/desired",
         "reported": "twins/{twin}/reported",
         "requests": "twins/{twin}/requests",
+        "answers": "twins/{twin}/answers",
         "inbox": "devices/{device}/inbox",
+        "presence": "devices/{device}/presence",
         "control": "control/{owner}",
         "job_submit": "jobs/submit",
         "job_status": "jobs/{job}/status",
@@ -174,8 +176,16 @@ class Topics:
     def requests(self, twin: str) -> str:
         return self.build("requests", twin=twin)
 
+    def answers(self, twin: str) -> str:
+        """Devices' sealed answers to requests (device -> cloud -> requester)."""
+        return self.build("answers", twin=twin)
+
     def inbox(self, device: str) -> str:
         return self.build("inbox", device=device)
+
+    def presence(self, device: str) -> str:
+        """A device's awake/asleep announcements (device -> cloud)."""
+        return self.build("presence", device=device)
 
     def control(self, owner: str) -> str:
         return self.build("control", owner=owner)

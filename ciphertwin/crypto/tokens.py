@@ -7,6 +7,12 @@
   be processed by given function classes, by a given node roster, for given receivers, within
   limits. Every MPC node verifies the token of every owner involved before touching an input,
   and refuses a job naming a twin of that owner the token does not list.
+* ``InteractToken`` — lets one principal (holding one Ed25519 key) set desired state of and/or
+  send requests to the listed twins, for the listed operations, inside a validity window. It
+  also carries the twins' device keys (PRE public key to encrypt a request to, verify key to
+  check the answer): the requester learns them from the owner's signature, never from the
+  cloud. The cloud checks it on metadata (holder, twin, right); the device checks it again
+  (owner signature, operation), so a lying cloud gains nothing.
 
 Verification returns the token or raises ``TokenRejected`` whose ``reason`` says why.
 """
@@ -31,6 +37,11 @@ from ciphertwin.errors import ValidationError
 __all__ = [
     "WriteToken",
     "ProcessToken",
+    "DeviceKeys",
+    "InteractToken",
+    "INTERACT_RIGHTS",
+    "issue_interact_token",
+    "verify_interact_token",
     "issue_write_token",
     "verify_write_token",
     "issue_process_token",
@@ -427,5 +438,206 @@ def first_admitting(tokens: Iterable[ProcessToken], check: Callable[[ProcessToke
     return None, reason or roster_reason or "no process token"
 
 
+# --- interact tokens ---------------------------------------------------------------------
+
+
+INTERACT_RIGHTS = frozenset({"desired", "request"})
+"""What an interact token can grant: writing desired state, sending requests."""
+ANY_OPERATION = "*"
+MAX_TOKEN_DEVICES = 64
+"""Devices listed in one interact token (each ~250 bytes: the token stays ≤ ~20 KiB)."""
+MAX_INTERACT_TOKEN_BYTES = 32 * 1024
+_MAX_PRE_PK_BYTES = 1024
+_MAX_OPERATION_CHARS = 64
+
+
+@dataclass(frozen=True)
+class DeviceKeys:
+    """One device of a twin as its owner vouches for it: name, PRE public key (encoding) to
+    encrypt requests to, Ed25519 verify key to check its answers."""
+
+    device: str
+    pre_pk: bytes
+    verify_key: bytes
+
+    def body(self) -> dict[str, Any]:
+        return {"device": self.device, "pre_pk": self.pre_pk, "verify_key": self.verify_key}
+
+    @classmethod
+    def from_body(cls, value: object) -> DeviceKeys:
+        if not isinstance(value, dict) or set(value) != {"device", "pre_pk", "verify_key"}:
+            raise ValidationError("interact-token.devices: entries are {device, pre_pk, verify_key}")
+        return _device_keys(value["device"], value["pre_pk"], value["verify_key"])
+
+
+def _device_keys(device: object, pre_pk: object, verify_key: object) -> DeviceKeys:
+    if not isinstance(device, str):
+        raise ValidationError("interact-token.devices: device name must be a string")
+    pk = wire.check_bytes(pre_pk, "interact-token.devices.pre_pk", max_len=_MAX_PRE_PK_BYTES)
+    vk = VerifyKey(wire.check_bytes(verify_key, "interact-token.devices.verify_key", 32)).raw
+    return DeviceKeys(_twin(device), pk, vk)
+
+
+def _clean_devices(devices: Iterable[DeviceKeys]) -> tuple[DeviceKeys, ...]:
+    items = tuple(devices)
+    if len(items) > MAX_TOKEN_DEVICES:
+        raise ValidationError(f"an interact token lists at most {MAX_TOKEN_DEVICES} devices")
+    clean = tuple(sorted((_device_keys(d.device, d.pre_pk, d.verify_key) for d in items),
+                         key=lambda d: d.device))
+    if len({d.device for d in clean}) != len(clean):
+        raise ValidationError("an interact token lists each device once")
+    return clean
+
+
+def _clean_rights(rights: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(rights, (str, bytes)):
+        raise ValidationError("rights must be a list of strings")
+    items = tuple(sorted(set(rights)))
+    if not items or not set(items) <= INTERACT_RIGHTS:
+        raise ValidationError(f"rights must be a non-empty subset of {sorted(INTERACT_RIGHTS)}")
+    return items
+
+
+def _clean_operations(operations: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(operations, (str, bytes)):
+        raise ValidationError("operations must be a list of strings")
+    items = tuple(sorted(set(operations)))
+    if not 1 <= len(items) <= _MAX_LIST:
+        raise ValidationError(f"operations: need 1..{_MAX_LIST} entries")
+    for op in items:
+        if not isinstance(op, str) or not 1 <= len(op) <= _MAX_OPERATION_CHARS \
+                or not op.isprintable():
+            raise ValidationError(f"operation names are 1..{_MAX_OPERATION_CHARS} printable "
+                                  f"characters, got {op!r:.80}")
+    return items
+
+
+@dataclass(frozen=True)
+class InteractToken:
+    principal: str  # who may interact (the name it writes/requests under)
+    holder_key: VerifyKey  # the key its desired writes and requests are signed with
+    twins: tuple[str, ...]  # sorted
+    rights: tuple[str, ...]  # ⊆ INTERACT_RIGHTS, sorted
+    operations: tuple[str, ...]  # request operations allowed; "*" = any
+    devices: tuple[DeviceKeys, ...]  # the twins' devices, sorted by name
+    not_before: int
+    not_after: int
+    issuer: VerifyKey
+    token_id: bytes
+    signature: bytes = field(repr=False)
+
+    TAG = "interact-token"
+    _FIELDS = ("principal", "holder", "twins", "rights", "ops", "devices", "nbf", "exp",
+               "issuer", "id")
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "principal": self.principal,
+            "holder": self.holder_key.raw,
+            "twins": list(self.twins),
+            "rights": list(self.rights),
+            "ops": list(self.operations),
+            "devices": [d.body() for d in self.devices],
+            "nbf": self.not_before,
+            "exp": self.not_after,
+            "issuer": self.issuer.raw,
+            "id": self.token_id,
+        }
+
+    def allows_operation(self, op: str) -> bool:
+        return ANY_OPERATION in self.operations or op in self.operations
+
+    def device(self, name: str) -> DeviceKeys | None:
+        """The listed device called ``name`` (None if the owner did not list it)."""
+        return next((d for d in self.devices if d.device == name), None)
+
+    def to_bytes(self) -> bytes:
+        return wire.encode(self.TAG, {**self.body(), "sig": self.signature})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> InteractToken:
+        f = wire.decode(data, cls.TAG, (*cls._FIELDS, "sig"), max_bytes=MAX_INTERACT_TOKEN_BYTES)
+        devices = tuple(DeviceKeys.from_body(d)
+                        for d in f.list("devices", max_items=MAX_TOKEN_DEVICES))
+        token = cls(
+            principal=_twin(f.str("principal", 256)),
+            holder_key=VerifyKey(f.bytes("holder", 32)),
+            twins=_clean_twins(f.str_list("twins", _MAX_LIST, 256)),
+            rights=_clean_rights(f.str_list("rights", 8, 16)),
+            operations=_clean_operations(f.str_list("ops", _MAX_LIST, _MAX_OPERATION_CHARS)),
+            devices=_clean_devices(devices),
+            not_before=f.int("nbf", 0, 2**40),
+            not_after=f.int("exp", 0, 2**40),
+            issuer=VerifyKey(f.bytes("issuer", 32)),
+            token_id=f.bytes("id", TOKEN_ID_BYTES),
+            signature=f.bytes("sig", SIGNATURE_BYTES),
+        )
+        if token.to_bytes() != bytes(data):  # lists must come sorted and without duplicates
+            raise ValidationError("interact-token: lists not sorted or with duplicates")
+        return token
+
+
+def issue_interact_token(
+    owner: SigningKey,
+    principal: str,
+    holder_key: VerifyKey,
+    twins: Iterable[str],
+    rights: Iterable[str],
+    *,
+    operations: Iterable[str] = (ANY_OPERATION,),
+    devices: Iterable[DeviceKeys] = (),
+    not_before: datetime | int | None = None,
+    valid_for_s: int | None = None,
+) -> InteractToken:
+    """Owner signs: ``principal`` (holding ``holder_key``) may exercise ``rights`` on
+    ``twins`` (requests only for ``operations``). Valid for ``valid_for_s`` (default 1 year)."""
+    if not isinstance(holder_key, VerifyKey):
+        raise ValidationError("holder_key must be a VerifyKey")
+    start, end = _window(not_before, None, valid_for_s if valid_for_s is not None else 366 * 86400)
+    unsigned = InteractToken(
+        principal=_twin(principal), holder_key=holder_key, twins=_clean_twins(twins),
+        rights=_clean_rights(rights), operations=_clean_operations(operations),
+        devices=_clean_devices(devices), not_before=start, not_after=end,
+        issuer=owner.verify_key, token_id=os.urandom(TOKEN_ID_BYTES), signature=b"",
+    )
+    signature = owner.sign(InteractToken.TAG, wire.encode(InteractToken.TAG, unsigned.body()))
+    token = dataclasses.replace(unsigned, signature=signature)
+    if len(token.to_bytes()) > MAX_INTERACT_TOKEN_BYTES:
+        raise ValidationError(f"interact token larger than {MAX_INTERACT_TOKEN_BYTES} bytes")
+    return token
+
+
+def verify_interact_token(
+    token: InteractToken,
+    owner_key: VerifyKey,
+    *,
+    principal: str | None = None,
+    holder_key: VerifyKey | None = None,
+    twin: str | None = None,
+    right: str | None = None,
+    operation: str | None = None,
+    now: datetime | int | float | None = None,
+    leeway_s: int = 0,
+) -> InteractToken:
+    """Check signature, issuer, window and (if given) principal, holder key, twin, right and
+    operation. Revocation is the caller's list (cloud store, device replay cache)."""
+    if not isinstance(token, InteractToken):
+        raise ValidationError("expected an InteractToken")
+    _verify_signature(token.TAG, token.body(), token.issuer, token.signature, owner_key)
+    _check_time(token.not_before, token.not_after, now, leeway_s)
+    if principal is not None and principal != token.principal:
+        raise TokenRejected("wrong-principal", f"token is for {token.principal!r}")
+    if holder_key is not None and holder_key != token.holder_key:
+        raise TokenRejected("wrong-holder", "token names another holder key")
+    if twin is not None and twin not in token.twins:
+        raise TokenRejected("wrong-twin", f"token does not cover twin {twin!r}")
+    if right is not None and right not in token.rights:
+        raise TokenRejected("right-not-granted", repr(right))
+    if operation is not None and not token.allows_operation(operation):
+        raise TokenRejected("operation-not-allowed", repr(operation))
+    return token
+
+
 wire.register(WriteToken.TAG, WriteToken.from_bytes)
 wire.register(ProcessToken.TAG, ProcessToken.from_bytes)
+wire.register(InteractToken.TAG, InteractToken.from_bytes)

@@ -115,6 +115,22 @@ def verify_item_signature(body: Mapping[str, Any], device_key: VerifyKey) -> Non
     device_key.verify(ITEM_CONTEXT, msgpack.packb(_unsigned(body), use_bin_type=True), body["sig"])
 
 
+TOKEN_LEEWAY_S = 300
+"""Clock skew allowed between a device and whoever checks its write token."""
+
+
+def device_token(token_bytes: bytes, owner_verify_key: VerifyKey, *, twin: str, device: str,
+                 now: float, attributes: Sequence[str] = ()) -> WriteToken:
+    """The write token a device-signed message carries, checked against the owner's key
+    (the checker's own knowledge, never the cloud's word): this twin and device, the
+    attributes, valid at ``now`` (± :data:`TOKEN_LEEWAY_S`). Its ``device_key`` is then the
+    key the message must be signed with — items, reported state, answers, presence."""
+    token = WriteToken.from_bytes(token_bytes)
+    verify_write_token(token, owner_verify_key, twin=twin, device=device, attributes=attributes,
+                       now=now, leeway_s=TOKEN_LEEWAY_S)
+    return token
+
+
 @dataclass(frozen=True, slots=True)
 class OpenedItem:
     """A decrypted, authenticated reading and where it came from."""
@@ -148,9 +164,8 @@ def open_item(item: Envelope, data_key: bytes, owner_verify_key: VerifyKey) -> O
     """
     twin, device, seq = item["twin"], item["device"], item["seq"]
     attrs = tuple(item["attrs"])
-    token = WriteToken.from_bytes(item["token"])
-    verify_write_token(token, owner_verify_key, twin=twin, device=device, attributes=attrs,
-                       now=item["time"], leeway_s=300)
+    token = device_token(item["token"], owner_verify_key, twin=twin, device=device,
+                         attributes=attrs, now=item["time"])
     verify_item_signature(item.body, token.device_key)
     sealed = SealedItem.from_bytes(item["sealed"])
     if sealed.capsule_id != item["capsule_id"]:
