@@ -14,9 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ciphertwin.agents.gatekeeper import Change, Decision, Gatekeeper
-from ciphertwin.agents.gatekeeper.access import (
-    AccessPolicy, TimeWindow, sign_approval, sign_image,
-)
+from ciphertwin.agents.gatekeeper.access import AccessPolicy, TimeWindow, sign_image_hex
 from ciphertwin.agents.gatekeeper.manipulator import (
     EARTH_RADIUS_M, Manipulator, coarsen_point,
 )
@@ -25,6 +23,7 @@ from ciphertwin.agents.gatekeeper.simulator import Simulator
 from ciphertwin.agents.sources import Reading
 from ciphertwin.crypto.signing import SigningKey
 from ciphertwin.errors import ValidationError
+from ciphertwin.protocol.twin_requests import sign_approval
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "device-gatekeeper.example.toml"
 VIENNA = ZoneInfo("Europe/Vienna")
@@ -165,7 +164,7 @@ def test_bad_access_config_refused_with_reason(bad: dict) -> None:
 
 def firmware(approvers: list[tuple[str, SigningKey]], image: bytes = b"\x7fELF firmware v2",
              signer: SigningKey = SIGNER, **kw) -> Change:
-    args = {"version": "2.0", "image_sig": sign_image(signer, image)}
+    args = {"version": "2.0", "image_sig": sign_image_hex(signer, image)}
     approvals = [sign_approval(k, name, "t1", "r9", "firmware_update", args, image)
                  for name, k in approvers]
     return change(op="firmware_update", args=args, request_id="r9", approvals=approvals,

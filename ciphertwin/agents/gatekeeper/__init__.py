@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ciphertwin.agents.gatekeeper.access import (
-    DESIRED_OP, OWNER, AccessPolicy, Change, approval_message, sign_approval, sign_image,
+    DESIRED_OP, OWNER, AccessPolicy, Change, sign_image_hex,
 )
 from ciphertwin.agents.gatekeeper.decisions import Decision, DecisionLog
 from ciphertwin.agents.gatekeeper.manipulator import Manipulator
@@ -28,7 +28,7 @@ from ciphertwin.agents.gatekeeper.simulator import Simulator
 from ciphertwin.errors import ValidationError
 
 __all__ = ["Gatekeeper", "Change", "Decision", "DecisionLog", "DESIRED_OP", "OWNER",
-           "approval_message", "sign_approval", "sign_image"]
+           "sign_image_hex"]
 
 
 @dataclass(frozen=True)

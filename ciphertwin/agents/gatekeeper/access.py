@@ -16,15 +16,15 @@ Europe/Vienna" follows daylight-saving changes. A window may cross midnight ("22
 its ``days`` then name the day the window *starts* (Monday 22:00 to Tuesday 06:00 is
 Monday's window).
 
-Approvals: each approver signs :func:`approval_message` with Ed25519 (context
-``approval``); M distinct configured approvers with valid signatures are needed. Firmware: the
-image signer signs ``sha256(image)`` (context ``firmware``) and the signature travels in the
-request arguments as ``image_sig`` (hex).
+Approvals: each approver signs ``twin_requests.approval_message`` with Ed25519 (context
+``approval``: twin, request id, op, digests of arguments and attachment); M distinct configured
+approvers with valid signatures are needed. Firmware: the image signer signs ``sha256(image)``
+(``twin_requests.sign_image``) and the signature travels in the request arguments as
+``image_sig`` (hex: arguments are JSON).
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,13 +34,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ciphertwin.crypto.errors import SignatureInvalid
 from ciphertwin.crypto.signing import SigningKey, VerifyKey
-from ciphertwin.crypto.wire import canonical
 from ciphertwin.errors import ValidationError
+from ciphertwin.protocol.twin_requests import sign_image, verify_approval, verify_image
 
 __all__ = [
     "OWNER", "ANY", "DESIRED_OP", "AccessRule", "AccessPolicy", "AccessResult", "Change",
-    "TimeWindow", "Approvals", "approval_message", "sign_approval", "image_message",
-    "sign_image", "IMAGE_SIG_ARG",
+    "TimeWindow", "Approvals", "sign_image_hex", "IMAGE_SIG_ARG",
 ]
 
 OWNER = "owner"
@@ -49,8 +48,6 @@ ANY = "*"
 DESIRED_OP = "desired"
 """The operation name of a desired-state change (requests carry their own op)."""
 IMAGE_SIG_ARG = "image_sig"
-APPROVAL_CONTEXT = "approval"
-IMAGE_CONTEXT = "firmware"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_RULES = 64
 MAX_APPROVALS = 32
@@ -79,34 +76,11 @@ class Change:
     attachment: bytes | None = None
 
 
-# --- signatures the access twin checks ------------------------------------------------------
+# --- signatures the access twin checks (defined with the request protocol) -------------------
 
-def _digest(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def approval_message(twin: str, request_id: str, op: str, args: Mapping[str, Any],
-                     attachment: bytes | None) -> bytes:
-    """What an approver signs: binds the twin, the request, the operation, its arguments
-    and the attachment, so an approval cannot be reused for another request or image."""
-    return canonical(["approval", twin, request_id, op, _digest(canonical(dict(args))),
-                      _digest(attachment or b"")])
-
-
-def sign_approval(signer: SigningKey, approver: str, twin: str, request_id: str, op: str,
-                  args: Mapping[str, Any], attachment: bytes | None) -> dict[str, Any]:
-    """An approval as carried in a request body: ``{approver, sig}``."""
-    msg = approval_message(twin, request_id, op, args, attachment)
-    return {"approver": approver, "sig": signer.sign(APPROVAL_CONTEXT, msg)}
-
-
-def image_message(image: bytes) -> bytes:
-    return _digest(image)
-
-
-def sign_image(signer: SigningKey, image: bytes) -> str:
-    """Hex Ed25519 signature over sha256(image), for the request's ``image_sig`` argument."""
-    return signer.sign(IMAGE_CONTEXT, image_message(image)).hex()
+def sign_image_hex(signer: SigningKey, image: bytes) -> str:
+    """The ``image_sig`` argument of a firmware request (JSON arguments carry no bytes)."""
+    return sign_image(signer, image).hex()
 
 
 # --- configuration pieces ---------------------------------------------------------------------
@@ -224,8 +198,6 @@ class Approvals:
             return "approvals are only possible on requests"
         if len(change.approvals) > MAX_APPROVALS:
             return f"more than {MAX_APPROVALS} approvals"
-        msg = approval_message(change.twin, change.request_id, change.op, change.args,
-                               change.attachment)
         valid: set[str] = set()
         bad: list[str] = []
         for approval in change.approvals:
@@ -235,8 +207,9 @@ class Approvals:
                 bad.append(f"{name!s:.64} (not an approver)")
                 continue
             try:
-                key.verify(APPROVAL_CONTEXT, msg, approval.get("sig"))  # type: ignore[arg-type]
-            except SignatureInvalid:
+                verify_approval(approval, key, change.twin, change.request_id, change.op,
+                                change.args, change.attachment)
+            except (SignatureInvalid, KeyError):
                 bad.append(f"{name} (signature invalid)")
                 continue
             valid.add(name)
@@ -254,8 +227,8 @@ def check_image(signer: VerifyKey, change: Change) -> str | None:
     if not isinstance(sig, str) or not re.fullmatch(r"[0-9a-fA-F]{128}", sig):
         return f"argument {IMAGE_SIG_ARG} (hex Ed25519 signature over the image) is missing"
     try:
-        signer.verify(IMAGE_CONTEXT, image_message(change.attachment), bytes.fromhex(sig))
-    except SignatureInvalid:
+        verify_image(signer, change.attachment, bytes.fromhex(sig))
+    except (SignatureInvalid, ValidationError):
         return "the image signature does not verify"
     return None
 
