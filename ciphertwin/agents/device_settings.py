@@ -47,6 +47,9 @@ class WakeSchedule:
     window_s: float = 60.0
     sleep_s: float = 0.0
     wakeable: bool = True
+    max_wakes_per_hour: int = 6
+    """The device's own cap on early wake-ups (the cloud has one too; this one holds even
+    against a cloud that floods the inbox with wake messages)."""
 
     @property
     def always_awake(self) -> bool:
@@ -57,8 +60,11 @@ class WakeSchedule:
         wakeable = raw.get("wakeable", True)
         if not isinstance(wakeable, bool):
             raise ValidationError("interaction.wakeable must be true or false")
+        cap = raw.get("max_wakes_per_hour", 6)
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= 3600:
+            raise ValidationError("interaction.max_wakes_per_hour must be 0..3600")
         return cls(_seconds(raw, "window_s", 60.0, 1.0, _DAY),
-                   _seconds(raw, "sleep_s", 0.0, 0.0, 7 * _DAY), wakeable)
+                   _seconds(raw, "sleep_s", 0.0, 0.0, 7 * _DAY), wakeable, cap)
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,8 @@ def parse_device_settings(raw: Mapping[str, Any]) -> DeviceSettings:
     inter = raw.get("interaction", {})
     if not isinstance(inter, Mapping):
         raise ValidationError("[interaction] must be a table")
-    unknown = set(inter) - {"handler", "handler_params", "window_s", "sleep_s", "wakeable"}
+    unknown = set(inter) - {"handler", "handler_params", "window_s", "sleep_s", "wakeable",
+                            "max_wakes_per_hour"}
     if unknown:
         raise ValidationError(f"interaction: unknown key(s) {sorted(unknown)}")
     spec = inter.get("handler", "thermostat")

@@ -5,7 +5,9 @@ A handler is a Python callable ``handler(op, args) -> result`` (sync or async). 
 clamped by the gatekeeper) — its result, if a dict, is the state the device reports — or a
 request's operation. A request's attachment, if any, is in ``args["attachment"]`` (bytes).
 A handler may also offer ``state() -> dict``: the current state, which the simulator starts
-its predictions from and which is reported after requests change it.
+its predictions from and which is reported after requests change it (``volatile``: names of
+state fields that change by themselves, e.g. a measured temperature — a change of only those
+after a request is not reported).
 
 :class:`SimulatedThermostat` is the built-in actuator (so a demo needs no hardware): a room
 whose temperature follows the gatekeeper's thermal model in real time.
@@ -55,6 +57,8 @@ class SimulatedThermostat:
     ``firmware_update`` {version, attachment} (records the version and image digest)."""
 
     SETTINGS = ("target_c", "mode", "outside_c")
+    volatile = ("room_c", "heater")
+    """State that changes by itself: a change of only these is no reason to report."""
 
     def __init__(self, model: Thermostat | None = None, *, clock: Callable[[], float] = time.time,
                  room_c: float | None = None) -> None:

@@ -9,7 +9,10 @@
   answered from the cache and never executed twice. A row is written *before* the handler
   runs, so a crash mid-operation leaves it marked (at most once beats at least once for a
   device that moves things). Rows are forgotten after their deadline: the requests are then
-  refused as expired anyway.
+  refused as expired anyway;
+* the last desired document applied (canonical msgpack): whether the device is in sync is
+  judged against it after a restart too (this file lives on the device, which holds the
+  plaintext anyway; it never leaves it).
 
 SQLite (WAL, synchronous=FULL) next to the outbox, on one worker thread so the event loop
 never waits on the disk.
@@ -40,7 +43,8 @@ CREATE TABLE IF NOT EXISTS requests (
     answer BLOB, PRIMARY KEY (requester, request_id)
 );
 CREATE INDEX IF NOT EXISTS requests_deadline ON requests (deadline);
-CREATE TABLE IF NOT EXISTS revoked (token_id BLOB PRIMARY KEY, until REAL NOT NULL)
+CREATE TABLE IF NOT EXISTS revoked (token_id BLOB PRIMARY KEY, until REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS docs (name TEXT PRIMARY KEY, value BLOB NOT NULL)
 """
 
 
@@ -131,6 +135,18 @@ class InteractionStore:
                 "SET value = counters.value + 1 RETURNING value", (name,)).fetchone()
             return int(row[0])
         return await self._run(bump)
+
+    # -- documents -----------------------------------------------------------------------------
+    async def put_doc(self, name: str, value: bytes) -> None:
+        await self._run(lambda: self._db().execute(
+            "INSERT INTO docs (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "value = excluded.value", (name, value)))
+
+    async def get_doc(self, name: str) -> bytes | None:
+        def read() -> bytes | None:
+            row = self._db().execute("SELECT value FROM docs WHERE name = ?", (name,)).fetchone()
+            return None if row is None else bytes(row[0])
+        return await self._run(read)
 
     # -- requests ------------------------------------------------------------------------------
     async def claim_request(self, requester: str, request_id: str,
