@@ -41,6 +41,10 @@ Expand = Callable[[dict[str, Any], frozenset[str]], Iterable[tuple[dict[str, Any
 """Turns one reading into the items to send (e.g. three secret shares); default: itself."""
 
 
+Outgoing = Callable[[Reading], Reading]
+"""Rewrites a reading before it is sealed (the gatekeeper's manipulator: redact, coarsen)."""
+
+
 def _as_is(reading: dict[str, Any], attrs: frozenset[str]) -> list[tuple[dict[str, Any], Iterable[str]]]:
     return [(reading, attrs)]
 
@@ -50,8 +54,9 @@ class DeviceAgent:
 
     def __init__(self, config: DeviceConfig, bus: BusClient, outbox: Outbox, *,
                  expand: Expand = _as_is, window: int = 256, resend_after: float = 5.0,
-                 resend_after_reconnect: float = 1.0) -> None:
-        """``resend_after``: seconds an unacknowledged item waits before it is sent again;
+                 resend_after_reconnect: float = 1.0, outgoing: Outgoing | None = None) -> None:
+        """``outgoing`` rewrites every reading before attributes are derived and it is
+        sealed (nothing it drops ever leaves the device); ``resend_after``: seconds an unacknowledged item waits before it is sent again;
         ``resend_after_reconnect``: the same, shorter, from a reconnect of the bus until the
         first acknowledgement — the items sent right after a broker restart often reach it
         before the cloud has subscribed again, and the broker drops them."""
@@ -61,6 +66,7 @@ class DeviceAgent:
         self.keys = DataKeyManager(config.owner_pre, config.epoch_policy)
         self.rules: AttributeRules = config.attribute_rules()
         self.expand = expand
+        self.outgoing = outgoing
         self.window, self.resend_after = window, resend_after
         self.resend_after_reconnect = min(resend_after, resend_after_reconnect)
         self._acked_on = -1  # bus connection (``bus.reconnects``) whose items were last acknowledged
@@ -76,6 +82,8 @@ class DeviceAgent:
     # -- producing ----------------------------------------------------------------------
     async def record(self, reading: Reading) -> list[int]:
         """Seal one reading (or its expansion) into the outbox; returns the seqs used."""
+        if self.outgoing is not None:
+            reading = self.outgoing(reading)
         attrs = frozenset(self.rules.attributes_for(reading))
         seqs = []
         for body, item_attrs in self.expand(reading.as_dict(), attrs):
