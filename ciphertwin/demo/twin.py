@@ -206,8 +206,10 @@ async def run_demo(readings: int = 20, external: tuple[str, int] | None = None) 
     return report
 
 
-def print_report(report: DemoReport) -> None:
-    print("ciphertwin demo: encrypted twin sync, sharing and revocation")
+def print_report(report: DemoReport,
+                 title: str = "ciphertwin demo: encrypted twin sync, sharing and revocation"
+                 ) -> None:
+    print(title)
     for name, ok in report.checks.items():
         print(f"  [{'ok' if ok else 'FAIL'}] {name.replace('_', ' ')}")
     for name, value in report.figures.items():
