@@ -153,7 +153,6 @@ async def _scenario(report: DemoReport, sandbox: Sandbox, cloud: CloudTwin, alic
     gatekeeper = gatekeeper_config(approvers, vendor)
 
     # 1. desired state for a device that has never been online
-    sandbox.add(DEVICE, "device", twin=TWIN, owner=alice.name)
     bundle = alice.enroll_device(TWIN, DEVICE, sandbox.connection(DEVICE))
     enroll_from_bundle(bundle, sandbox.root / DEVICE)
     await alice.grant_own_device(TWIN, DEVICE, bundle.device_pre.public)
@@ -281,6 +280,7 @@ async def run_demo(external: tuple[str, int] | None = None, *, window_s: float =
         sandbox = Sandbox(Path(tmp), external)
         for name, role in (("cloud", "cloud"), ("alice", "owner"), ("bob", "receiver")):
             sandbox.add(name, role)
+        sandbox.add(DEVICE, "device", twin=TWIN, owner="alice")  # alice's ACL names its twin
         db = Path(sandbox.deployment.storage.sqlite_path)
         async with sandbox.broker(), sandbox.bus("cloud") as cloud_bus, \
                 CloudTwin(cloud_bus, SqliteTwinStore(db), pool=ReencryptionPool(1),
