@@ -88,32 +88,41 @@ def read_token(path: Path) -> Any:
 
 
 class _Principal:
-    """What a state/request command acts as: the owner itself, or a token holder."""
+    """Who a state/request command acts as — the owner itself, or a token holder — checked
+    (keys, token, owner key) before any connection is made."""
 
-    def __init__(self, args: argparse.Namespace, bus: Any) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         from ciphertwin.agents.identity import load_public
+
+        self.args, self.me = args, identity(args)
+        self.token: Any = None
+        self.owner_key: Any = None
+        if self.me.role == "owner" and not args.owner_key:
+            return
+        if not args.owner_key:
+            raise ValidationError("give --owner-key: the twin owner's public.key file")
+        self.owner_key = load_public(args.owner_key)
+        path = _token_path(args)
+        self.token = read_token(path)
+        if self.token.holder_key != self.me.signing.verify_key or \
+                self.token.principal != self.me.name:
+            raise ValidationError(f"interact token {path} was issued to "
+                                  f"{self.token.principal!r} with another key, not to "
+                                  f"{self.me.name!r}")
+        if self.token.issuer != self.owner_key.verify_key:
+            raise ValidationError(f"interact token {path} was not issued by the owner of "
+                                  f"{args.owner_key}")
+
+    def actor(self, bus: Any, twin: str) -> Any:
+        """An OwnerAgent's requester for ``twin`` (the owner), else a token holder's
+        Requester; both offer ``send``, ``set_desired``, ``writer`` and ``reader``."""
         from ciphertwin.agents.owner import OwnerAgent
         from ciphertwin.agents.requester import Requester
 
-        me = identity(args)
-        self.owner: Any = None
-        if me.role == "owner" and not getattr(args, "owner_key", None):
-            self.owner = OwnerAgent(me, bus, home=home(args))
-            self.twin_requester = self.owner.requester
-            self.actor: Any = self.owner
-            return
-        if not getattr(args, "owner_key", None):
-            raise ValidationError("give --owner-key: the twin owner's public.key file")
-        owner = load_public(args.owner_key)
-        token = read_token(_token_path(args))
-        if token.holder_key != me.signing.verify_key or token.principal != me.name:
-            raise ValidationError(f"interact token {_token_path(args)} was issued to "
-                                  f"{token.principal!r} with another key, not to {me.name!r}")
-        if token.issuer != owner.verify_key:
-            raise ValidationError(f"interact token {_token_path(args)} was not issued by the "
-                                  f"owner of {args.owner_key}")
-        self.actor = Requester(me, bus, token, owner.pre, owner.verify_key)
-        self.twin_requester = lambda twin: self.actor
+        if self.token is None:
+            return OwnerAgent(self.me, bus, home=home(self.args)).requester(twin)
+        return Requester(self.me, bus, self.token, self.owner_key.pre,
+                         self.owner_key.verify_key)
 
 
 def _add_actor_options(p: argparse.ArgumentParser) -> None:
@@ -132,8 +141,9 @@ async def _set_desired(args: argparse.Namespace) -> int:
                              "--doc" if args.doc is not None else "--merge")
     if args.base_version is not None and args.base_version < 0:
         raise ValidationError("--base-version must be 0 or more")
+    who = _Principal(args)
     async with bus_for(args, load_deployment(args.config)) as bus:
-        actor = _Principal(args, bus).actor
+        actor = who.actor(bus, args.twin)
         actor.writer.timeout = args.timeout
         version = await actor.set_desired(args.twin, doc, merge=args.merge is not None,
                                           base_version=args.base_version)
@@ -165,8 +175,9 @@ def format_state(state: Any) -> str:
 
 
 async def _get_state(args: argparse.Namespace) -> int:
+    who = _Principal(args)
     async with bus_for(args, load_deployment(args.config)) as bus:
-        state = await _Principal(args, bus).actor.reader.state(args.twin, timeout=args.timeout)
+        state = await who.actor(bus, args.twin).reader.state(args.twin, timeout=args.timeout)
     print(json.dumps(state.as_json(), sort_keys=True) if args.json else format_state(state))
     return 0
 
@@ -288,9 +299,9 @@ async def _request_send(args: argparse.Namespace) -> int:
     approvals = [read_approval(f, args.twin, request_id, args.op) for f in args.approval or []]
     attachment = _attachment(args.attachment)
     deadline = parse_time(args.deadline, time.time() + 3600, "--deadline")
+    who = _Principal(args)
     async with bus_for(args, load_deployment(args.config)) as bus:
-        requester = _Principal(args, bus).twin_requester(args.twin)
-        outcome = await requester.send(
+        outcome = await who.actor(bus, args.twin).send(
             args.twin, args.op, args_doc, wait=args.wait, timeout=args.timeout, wake=args.wake,
             approvals=approvals, attachment=attachment, deadline=deadline,
             request_id=request_id)
