@@ -102,8 +102,16 @@ async def _until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float
         await asyncio.sleep(every)
 
 
+async def enroll_thermostat(sandbox: Sandbox, owner: OwnerAgent) -> None:
+    """Enroll the thermostat through a bundle (into ``<sandbox>/thermo``) and give it the
+    grant through which it reads its desired state."""
+    bundle = owner.enroll_device(TWIN, DEVICE, sandbox.connection(DEVICE))
+    enroll_from_bundle(bundle, sandbox.root / DEVICE)
+    await owner.grant_own_device(TWIN, DEVICE, bundle.device_pre.public)
+
+
 @contextlib.asynccontextmanager
-async def run_device(sandbox: Sandbox, owner: OwnerAgent, gatekeeper: dict[str, Any],
+async def run_device(sandbox: Sandbox, gatekeeper: dict[str, Any],
                      wake: WakeSchedule) -> AsyncIterator[Device]:
     """The thermostat, enrolled through a bundle as a real one is, with its gatekeeper."""
     home = sandbox.root / DEVICE
@@ -153,9 +161,7 @@ async def _scenario(report: DemoReport, sandbox: Sandbox, cloud: CloudTwin, alic
     gatekeeper = gatekeeper_config(approvers, vendor)
 
     # 1. desired state for a device that has never been online
-    bundle = alice.enroll_device(TWIN, DEVICE, sandbox.connection(DEVICE))
-    enroll_from_bundle(bundle, sandbox.root / DEVICE)
-    await alice.grant_own_device(TWIN, DEVICE, bundle.device_pre.public)
+    await enroll_thermostat(sandbox, alice)
     v1 = await alice.set_desired(TWIN, {"target_c": 21.5, "mode": "auto"})
     offline = await alice.get_state(TWIN)
     checks["desired_accepted_while_device_offline"] = (
@@ -163,7 +169,7 @@ async def _scenario(report: DemoReport, sandbox: Sandbox, cloud: CloudTwin, alic
         and offline.delta == {"target_c": 21.5, "mode": "auto"})
 
     wake = WakeSchedule(window_s=window_s, sleep_s=sleep_s, wakeable=False)
-    async with run_device(sandbox, alice, gatekeeper, wake) as device:
+    async with run_device(sandbox, gatekeeper, wake) as device:
         async def converged() -> bool:
             s = await alice.get_state(TWIN)
             return s.in_sync and s.reported is not None and s.reported.desired_version == v1
