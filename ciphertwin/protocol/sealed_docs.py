@@ -247,12 +247,13 @@ def author_key_for(env: Envelope, author: str, owner_key: VerifyKey, *, right: s
     """(key that must have signed ``env``, its permit) for writer/requester ``author``.
 
     Without a permit only the owner's key will do; with one, the permit must be the owner's,
-    valid at ``now``, for ``author``, this twin and ``right`` — and its holder key signs."""
+    valid at ``now`` (± :data:`MAX_SKEW_S`, like write tokens: the owner's clock and the
+    checker's differ), for ``author``, this twin and ``right`` — and its holder key signs."""
     permit = permit_of(env)
     if permit is None:
         return owner_key, None
     verify_interact_token(permit, owner_key, principal=author, twin=env["twin"], right=right,
-                          now=now)
+                          now=now, leeway_s=MAX_SKEW_S)
     return permit.holder_key, permit
 
 
