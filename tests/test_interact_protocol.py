@@ -8,8 +8,7 @@ import time
 import pytest
 
 from ciphertwin.bus.envelope import decode
-from ciphertwin.crypto.kpcpre import PreCiphertext, reencrypt
-from ciphertwin.protocol.sealed_docs import OWNER_RECIPIENT, wrap_for
+from ciphertwin.protocol.sealed_docs import OWNER_RECIPIENT, reencrypt_wrap, wrap_for
 from ciphertwin.protocol.twin_requests import (
     build_answer,
     build_presence,
@@ -39,7 +38,7 @@ def w() -> World:
 
 def _via_grant(env_wrap: bytes, rk) -> bytes:  # noqa: ANN001
     """What the cloud does: re-encrypt the owner's wrap through a grant's re-key."""
-    return reencrypt(rk, PreCiphertext.from_bytes(env_wrap)).to_bytes()
+    return reencrypt_wrap(rk, env_wrap)
 
 
 def test_desired_by_owner_round_trip(w: World) -> None:

@@ -38,6 +38,7 @@ from ciphertwin.crypto.kpcpre import (
     PreKeyPair,
     PrePublicKey,
     ReEncryptedCiphertext,
+    ReKey,
 )
 from ciphertwin.crypto.signing import SigningKey, VerifyKey
 from ciphertwin.crypto.tokens import InteractToken, WriteToken, verify_interact_token
@@ -54,6 +55,7 @@ __all__ = [
     "seal_document",
     "open_document",
     "unwrap",
+    "reencrypt_wrap",
     "sign_envelope",
     "verify_envelope",
     "wrap_for",
@@ -157,6 +159,13 @@ def unwrap(pre: PreKeyPair, wrap: bytes, kind: str, twin: str, author: str,
     if len(key) != KEY_BYTES:
         raise ValidationError("wrapped document key has the wrong length")
     return key
+
+
+def reencrypt_wrap(rk: ReKey, wrap: bytes) -> bytes:
+    """The cloud's one operation on a document: turn the owner's wrap (a PreCiphertext) into
+    one for the grant's receiver. Raises PolicyNotSatisfied if the grant's policy does not
+    admit the document's attributes (e.g. any request: its wrap says only ``request:<T>``)."""
+    return kpcpre.reencrypt(rk, PreCiphertext.from_bytes(wrap)).to_bytes()
 
 
 def open_document(kind: str, twin: str, author: str, meta: Mapping[str, Any], sealed: bytes,
