@@ -8,8 +8,7 @@ import time
 import pytest
 
 from ciphertwin.bus.envelope import decode
-from ciphertwin.crypto.kpcpre import PreCiphertext, reencrypt
-from ciphertwin.protocol.sealed_docs import OWNER_RECIPIENT, wrap_for
+from ciphertwin.protocol.sealed_docs import OWNER_RECIPIENT, reencrypt_wrap, wrap_for
 from ciphertwin.protocol.twin_requests import (
     build_answer,
     build_presence,
@@ -39,7 +38,7 @@ def w() -> World:
 
 def _via_grant(env_wrap: bytes, rk) -> bytes:  # noqa: ANN001
     """What the cloud does: re-encrypt the owner's wrap through a grant's re-key."""
-    return reencrypt(rk, PreCiphertext.from_bytes(env_wrap)).to_bytes()
+    return reencrypt_wrap(rk, env_wrap)
 
 
 def test_desired_by_owner_round_trip(w: World) -> None:
@@ -644,3 +643,45 @@ def test_every_field_of_every_signed_kind_is_protected(w: World) -> None:
                     continue
                 with pytest.raises(CipherTwinError):
                     check(bad)
+
+
+def test_multi_twin_token_wraps_only_the_twins_devices(w: World) -> None:
+    """A token for two twins lists each twin's device; a request to t1 is wrapped for t1's
+    device only, and an answer from t2's device does not count for a request to t1."""
+    from ciphertwin.crypto.kpcpre import PreKeyPair
+    from ciphertwin.crypto.tokens import DeviceKeys, issue_interact_token
+    from ciphertwin.protocol.twin_requests import recipients_from_token
+
+    other_sig, other_pre = SigningKey.generate(), PreKeyPair.generate()
+    d2 = DeviceKeys("d2", other_pre.public.to_bytes(), other_sig.verify_key.raw, "t2")
+    d1 = DeviceKeys("d1", w.device.pre.public.to_bytes(), w.device.sig.verify_key.raw, w.twin)
+    token = issue_interact_token(w.owner.sig, "bob", w.requester.sig.verify_key, [w.twin, "t2"],
+                                 ["request"], devices=[d1, d2])
+    recipients = recipients_from_token(token, w.twin)
+    assert [r.name for r in recipients] == ["d1"]
+    env, reply, rid = _request(w, permit=token.to_bytes(), devices=recipients)
+    assert {x["to"] for x in env["wraps"]} == {OWNER_RECIPIENT, "d1"}
+    req = _open(w, env)
+    ans = decode(build_answer(w.creds, req, True, 1), "answer")
+    assert open_answer(ans, reply, w.owner.sig.verify_key, rid, token.devices, twin=w.twin).ok
+    # d2 (a genuine device of t2) answering about its own twin with the stolen reply key
+    t2_token = issue_write_token(w.owner.sig, "t2", other_sig.verify_key, ["type:*"],
+                                 device="d2", valid_for_s=600)
+    from dataclasses import replace
+
+    stray = decode(build_answer(DeviceCredentials("t2", "d2", other_sig, t2_token.to_bytes()),
+                                replace(req, twin="t2"), True, 1), "answer")
+    with pytest.raises(ValidationError, match="about twin"):
+        open_answer(stray, reply, w.owner.sig.verify_key, rid, token.devices, twin=w.twin)
+    # ... nor by claiming t1 under its t2 write token
+    with pytest.raises(TokenRejected):
+        open_answer(_resign("answer", other_sig, {**stray.body, "twin": w.twin}), reply,
+                    w.owner.sig.verify_key, rid, token.devices)
+    # a device with a t1 write token that the permit lists for t2 only does not count for t1
+    t1_token = issue_write_token(w.owner.sig, w.twin, other_sig.verify_key, ["type:*"],
+                                 device="d2", valid_for_s=600)
+    wrong_twin = decode(build_answer(DeviceCredentials(w.twin, "d2", other_sig,
+                                                       t1_token.to_bytes()), req, True, 1),
+                        "answer")
+    with pytest.raises(ValidationError, match="does not list"):
+        open_answer(wrong_twin, reply, w.owner.sig.verify_key, rid, token.devices, twin=w.twin)

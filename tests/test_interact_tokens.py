@@ -205,3 +205,17 @@ def test_real_clock_default() -> None:
     verify_interact_token(t, OWNER.verify_key, now=time.time())
     with pytest.raises(TokenRejected):
         verify_interact_token(t, OWNER.verify_key, now=time.time() + 10)
+
+
+def test_devices_scoped_to_twins() -> None:
+    d1 = DeviceKeys("d1", DEV.pre_pk, DEV.verify_key, "t1")
+    d2 = DeviceKeys("d2", DEV.pre_pk, SigningKey.generate().verify_key.raw, "t2")
+    anywhere = DeviceKeys("d3", DEV.pre_pk, DEV.verify_key)
+    t = token(devices=[d2, anywhere, d1])
+    back = InteractToken.from_bytes(t.to_bytes())
+    assert [d.device for d in back.devices] == ["d1", "d2", "d3"]
+    assert [d.device for d in back.devices_of("t1")] == ["d1", "d3"]
+    assert [d.device for d in back.devices_of("t2")] == ["d2", "d3"]
+    assert back.device("d3").twin == "" and back.device("d1").twin == "t1"
+    with pytest.raises(ValidationError):
+        token(devices=[DeviceKeys("d1", DEV.pre_pk, DEV.verify_key, "bad\ntwin")])

@@ -38,6 +38,7 @@ from ciphertwin.crypto.kpcpre import (
     PreKeyPair,
     PrePublicKey,
     ReEncryptedCiphertext,
+    ReKey,
 )
 from ciphertwin.crypto.signing import SigningKey, VerifyKey
 from ciphertwin.crypto.tokens import InteractToken, WriteToken, verify_interact_token
@@ -54,6 +55,7 @@ __all__ = [
     "seal_document",
     "open_document",
     "unwrap",
+    "reencrypt_wrap",
     "sign_envelope",
     "verify_envelope",
     "wrap_for",
@@ -159,6 +161,13 @@ def unwrap(pre: PreKeyPair, wrap: bytes, kind: str, twin: str, author: str,
     return key
 
 
+def reencrypt_wrap(rk: ReKey, wrap: bytes) -> bytes:
+    """The cloud's one operation on a document: turn the owner's wrap (a PreCiphertext) into
+    one for the grant's receiver. Raises PolicyNotSatisfied if the grant's policy does not
+    admit the document's attributes (e.g. any request: its wrap says only ``request:<T>``)."""
+    return kpcpre.reencrypt(rk, PreCiphertext.from_bytes(wrap)).to_bytes()
+
+
 def open_document(kind: str, twin: str, author: str, meta: Mapping[str, Any], sealed: bytes,
                   key: bytes, author_key: VerifyKey) -> dict[str, Any]:
     """Decrypt ``sealed`` with K and check the author's inner signature; returns the body."""
@@ -247,12 +256,13 @@ def author_key_for(env: Envelope, author: str, owner_key: VerifyKey, *, right: s
     """(key that must have signed ``env``, its permit) for writer/requester ``author``.
 
     Without a permit only the owner's key will do; with one, the permit must be the owner's,
-    valid at ``now``, for ``author``, this twin and ``right`` — and its holder key signs."""
+    valid at ``now`` (± :data:`MAX_SKEW_S`, like write tokens: the owner's clock and the
+    checker's differ), for ``author``, this twin and ``right`` — and its holder key signs."""
     permit = permit_of(env)
     if permit is None:
         return owner_key, None
     verify_interact_token(permit, owner_key, principal=author, twin=env["twin"], right=right,
-                          now=now)
+                          now=now, leeway_s=MAX_SKEW_S)
     return permit.holder_key, permit
 
 
