@@ -88,6 +88,7 @@ class CloudWorld:
         self.inbox = Collector(INBOX_KINDS)
         self.owner_stream = Collector(("state_update", "stream_items"))
         self.carol_stream = Collector(("state_update", "stream_items"))
+        self.bob_replies = Collector(("request_status", "state_result"))
 
     def make_store(self) -> TwinStore:
         return SqliteTwinStore(self.db)
@@ -126,6 +127,7 @@ class CloudWorld:
         await self.d1.subscribe(t.inbox("d1"), self.inbox)
         await self.alice.subscribe(t.stream(w.twin, "alice"), self.owner_stream)
         await self.carol.subscribe(t.stream(w.twin, "carol"), self.carol_stream)
+        await self.bob.subscribe(t.filter("replies", principal="bob"), self.bob_replies)
 
     async def grant_interact(self, token: InteractToken) -> dict[str, Any]:
         return await self.control("interact_grant", {"request_id": secrets.token_hex(8),
