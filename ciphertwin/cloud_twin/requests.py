@@ -173,6 +173,8 @@ class RequestRouter:
         already delivered is sent again."""
         self._wakes: dict[tuple[str, str], list[float]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._more: set[tuple[str, str]] = set()
+        """Devices with requests admitted while their delivery run held the lock."""
 
     async def load(self) -> None:
         """Presence and wake-up counts from the store (the queue itself stays there)."""
@@ -207,11 +209,18 @@ class RequestRouter:
                  request=req.request_id, devices=sorted(req.wraps), wake=req.wake)
         delivered_now = []
         for device in sorted(req.wraps):
-            if self.is_awake(req.twin, device, now):
-                delivered_now.append(await self._flush_logged(
-                    req.twin, device, quiet=(req.requester, req.request_id)))
+            if not self.is_awake(req.twin, device, now):
+                continue
+            if self._locks[(req.twin, device)].locked():  # a delivery run is under way:
+                self._more.add((req.twin, device))  # it takes this one too, in order
+                delivered_now.append(0)
+                continue
+            delivered_now.append(await self._flush_logged(
+                req.twin, device, quiet=(req.requester, req.request_id)))
         if delivered_now and all(delivered_now):
             status = Status(DELIVERED)
+        elif delivered_now and len(delivered_now) == len(req.wraps):
+            status = Status(QUEUED, "delivery to the awake device under way")
         else:
             status = await self._asleep(req, now)
         await self._tell(req.requester, req.request_id, status)
@@ -334,6 +343,9 @@ class RequestRouter:
                 batch = await self.store.device_queue(twin, device, after=after,
                                                       include_delivered=redeliver, limit=200)
                 if not batch:
+                    if (twin, device) in self._more:  # admitted while we ran: look again
+                        self._more.discard((twin, device))
+                        continue
                     break
                 now = self.clock()
                 fresh: list[Delivery] = []
@@ -349,9 +361,9 @@ class RequestRouter:
                 finally:
                     if fresh:
                         await self.store.mark_delivered(twin, device, fresh[0].ord, fresh[-1].ord)
-                for d in fresh:
-                    if (d.requester, d.request_id) != quiet:
-                        await self._tell(d.requester, d.request_id, Status(DELIVERED))
+                await asyncio.gather(*(  # statuses go to many requesters: no order to keep
+                    self._tell(d.requester, d.request_id, Status(DELIVERED))
+                    for d in fresh if (d.requester, d.request_id) != quiet))
                 after = batch[-1].ord
         if delivered:
             log.info("requests.delivered", twin=twin, device=device, count=delivered,

@@ -147,16 +147,16 @@ class CloudTwin:
                                  max_payload=max_size_of(*CONTROL_KINDS, "process_token"))
         await self.bus.subscribe(t.filter("query"), self._on_query, concurrency=4,
                                  max_payload=max_size_of(*QUERY_KINDS))
-        # one at a time each: a twin's writes and a device's queue keep their arrival order
-        for kind, handler, payload_kind in (
-                ("desired", self._on_desired, "desired_set"),
-                ("reported", self._on_reported, "reported_set"),
-                ("requests", self._on_request, "request"),
-                ("presence", self._on_presence, "presence")):
-            await self.bus.subscribe(t.filter(kind), handler,
+        # requests and desired writes one at a time: they keep their arrival order; a
+        # presence may deliver a long queue, so several run at once (per-device locks)
+        for kind, handler, payload_kind, concurrency in (
+                ("desired", self._on_desired, "desired_set", 1),
+                ("reported", self._on_reported, "reported_set", 1),
+                ("requests", self._on_request, "request", 1),
+                ("presence", self._on_presence, "presence", 4),
+                ("answers", self._on_answer, "answer", 4)):
+            await self.bus.subscribe(t.filter(kind), handler, concurrency=concurrency,
                                      max_payload=max_size_of(payload_kind))
-        await self.bus.subscribe(t.filter("answers"), self._on_answer, concurrency=4,
-                                 max_payload=max_size_of("answer"))
         await self.jobs.start()
         log.info("cloud.started", owners=len(self.trust.owners))
         return self
