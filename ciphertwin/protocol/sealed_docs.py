@@ -100,7 +100,14 @@ def doc_aad(kind: str, twin: str, author: str, meta: Mapping[str, Any]) -> bytes
 
 
 def doc_attributes(kind: str, twin: str) -> tuple[str, ...]:
-    """The wraps' attributes: ``twin:<T>`` and ``type:desired|reported|request``."""
+    """The wraps' attributes: ``twin:<T>`` and ``type:desired|reported``, so the owner's
+    grants (a device's ``twin:<T>``, a reader's) let the cloud re-encrypt them.
+
+    A request's are ``request:<T>`` alone: nobody needs a re-encryption of it (the devices
+    get direct wraps), and no ordinary grant policy (``twin:<T>``, ``type:...``) can then
+    admit it — not even by a cloud colluding with a reader who holds a broad grant."""
+    if kind == "request":
+        return (f"request:{twin}",)
     try:
         return (f"twin:{twin}", f"type:{DOC_TYPES[kind]}")
     except KeyError:

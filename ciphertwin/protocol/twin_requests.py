@@ -12,7 +12,7 @@
   against the token's ``devices``, so the forwarding cloud can neither read nor forge it.
 * approvals: an approver's Ed25519 signature over ("approval", twin, request_id, op,
   sha256(args), sha256(attachment)) — bound to one request, so never reusable for another;
-  a firmware image is signed as ("firmware", sha256(image)).
+  a firmware image is signed as sha256(image) under signature context ``firmware``.
 * ``presence`` (device → cloud): awake/asleep, until when, next wake-up; signed under the
   write token so nobody else can make the cloud deliver a queue to nowhere or wake a device.
 """
@@ -168,7 +168,8 @@ def valid_approvers(req: OpenedRequest, approvers: Mapping[str, VerifyKey]) -> s
 
 
 def image_message(image: bytes) -> bytes:
-    return wire.canonical(["firmware", _digest(wire.check_bytes(image, "image"))])
+    """What an image signer signs (under context ``firmware``): sha256(image)."""
+    return _digest(wire.check_bytes(image, "image", max_len=MAX_ATTACHMENT_BYTES))
 
 
 def sign_image(signer: SigningKey, image: bytes) -> bytes:
