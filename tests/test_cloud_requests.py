@@ -112,13 +112,18 @@ async def test_unknown_revoked_expired_requesters_refused(cw: CloudWorld) -> Non
     await stranger.send(raw)
     assert "unknown permit" in await stranger.until(rid, "refused")
     bob = await _bob(cw)
-    raw, rid = bob.build()
+    raw, queued = bob.build()
     await bob.send(raw)
-    await bob.until(rid, "queued")
+    await bob.until(queued, "queued")
     assert (await cw.revoke_interact(bob.permit))["ok"]  # type: ignore[arg-type]
     raw, rid = bob.build()
     await bob.send(raw)
     assert await bob.until(rid, "refused") == "permit revoked by the owner"
+    # what waited in the queue under the revoked permit never reaches the device
+    await cw.presence(True)
+    assert await bob.until(queued, "refused") == "permit revoked by the owner"
+    assert cw.inbox.of("inbox_request") == []
+    await cw.presence(False)
     # right "desired" only: no requests
     desired_only = await _bob(cw, ("desired",))
     raw, rid = desired_only.build()

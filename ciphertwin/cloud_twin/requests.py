@@ -158,8 +158,12 @@ class RequestRouter:
         wakes_per_hour: int = 6,
         max_deadline_s: float = 7 * 86400,
         clock: Callable[[], float] = time.time,
+        still_valid: Callable[[Delivery, float], str | None] | None = None,
     ) -> None:
+        """``still_valid(delivery, now)``: why a queued request may no longer go out (its
+        permit was revoked or has expired meanwhile), or None — checked at delivery."""
         self.store = store
+        self._still_valid = still_valid
         self._deliver, self._wake, self._status = deliver, wake, status
         self.per_requester = RateWindow(requests_per_min)
         self.per_twin = RateWindow(twin_requests_per_min)
@@ -354,6 +358,10 @@ class RequestRouter:
                         if d.deadline <= now:
                             await self.expire(d.requester, d.request_id, now)
                             continue
+                        if self._still_valid is not None and (
+                                why := self._still_valid(d, now)) is not None:
+                            await self._refuse_queued(d, why, now)
+                            continue
                         await self._deliver(d)
                         delivered += 1
                         if not d.delivered:
@@ -393,6 +401,12 @@ class RequestRouter:
         log.info("requests.expired", twin=record.twin, requester=requester, request=request_id)
         await self._tell(requester, request_id, Status(EXPIRED, "deadline passed"))
         return True
+
+    async def _refuse_queued(self, d: Delivery, reason: str, now: float) -> None:
+        if await self.store.close_request(d.requester, d.request_id, RequestState.REFUSED, now):
+            log.warning("requests.refused_at_delivery", twin=d.twin, device=d.device,
+                        requester=d.requester, request=d.request_id, reason=reason)
+            await self._tell(d.requester, d.request_id, Status(REFUSED, reason))
 
     async def sweep(self) -> int:
         """Expire every request whose deadline passed; forget old final ones and idle rate
