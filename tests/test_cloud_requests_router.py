@@ -222,3 +222,26 @@ async def test_restart_redelivers_unanswered_in_order(make_store: StoreFactory) 
         assert h2.states("r0") == [] and h2.states("r3") == ["delivered"]
     finally:
         await again.close()
+
+
+async def test_request_admitted_during_a_delivery_run_keeps_its_place(h: Harness) -> None:
+    """A long queue is being delivered when a new request comes: it is not sent ahead of the
+    queue, and not left behind either."""
+    import asyncio
+
+    slow = h._deliver
+
+    async def deliver(d: Delivery) -> None:
+        await asyncio.sleep(0.005)
+        await slow(d)
+
+    h.router._deliver = deliver
+    for i in range(30):
+        await h.router.submit(h.req(f"q{i:02}"))
+    run = asyncio.create_task(h.router.on_presence(h.presence(True)))
+    await asyncio.sleep(0.03)
+    status = await h.router.submit(h.req("late"))
+    assert status.state == "queued" and "under way" in status.reason
+    await run
+    assert [r for _, r in h.delivered] == [f"q{i:02}" for i in range(30)] + ["late"]
+    assert h.states("late") == ["queued", "delivered"]

@@ -53,7 +53,7 @@ from ciphertwin.crypto.errors import SignatureInvalid
 from ciphertwin.crypto.kpcpre import PrePublicKey, ReKey
 from ciphertwin.crypto.policy import Policy
 from ciphertwin.crypto.signing import VerifyKey
-from ciphertwin.crypto.tokens import WriteToken
+from ciphertwin.crypto.tokens import InteractToken, WriteToken
 from ciphertwin.errors import CipherTwinError, ValidationError
 from ciphertwin.protocol.control import control_request_id, verify_control
 from ciphertwin.protocol.kinds import CONTROL_KINDS
@@ -114,7 +114,10 @@ class CloudTwin:
                                excluded_reader=self.jobs.is_node)
         self.requests = RequestRouter(store, deliver=self._deliver_request,
                                       wake=self._wake_device, status=self._request_status,
+                                      still_valid=self._permit_still_valid,
                                       **dict(request_limits or {}))
+        self._permits: OrderedDict[tuple[str, str], InteractToken | None] = OrderedDict()
+        """(requester, request_id) -> the permit of a queued request, parsed once."""
         self.sweep_interval_s = sweep_interval_s
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -147,16 +150,16 @@ class CloudTwin:
                                  max_payload=max_size_of(*CONTROL_KINDS, "process_token"))
         await self.bus.subscribe(t.filter("query"), self._on_query, concurrency=4,
                                  max_payload=max_size_of(*QUERY_KINDS))
-        # one at a time each: a twin's writes and a device's queue keep their arrival order
-        for kind, handler, payload_kind in (
-                ("desired", self._on_desired, "desired_set"),
-                ("reported", self._on_reported, "reported_set"),
-                ("requests", self._on_request, "request"),
-                ("presence", self._on_presence, "presence")):
-            await self.bus.subscribe(t.filter(kind), handler,
+        # requests and desired writes one at a time: they keep their arrival order; a
+        # presence may deliver a long queue, so several run at once (per-device locks)
+        for kind, handler, payload_kind, concurrency in (
+                ("desired", self._on_desired, "desired_set", 1),
+                ("reported", self._on_reported, "reported_set", 1),
+                ("requests", self._on_request, "request", 1),
+                ("presence", self._on_presence, "presence", 4),
+                ("answers", self._on_answer, "answer", 4)):
+            await self.bus.subscribe(t.filter(kind), handler, concurrency=concurrency,
                                      max_payload=max_size_of(payload_kind))
-        await self.bus.subscribe(t.filter("answers"), self._on_answer, concurrency=4,
-                                 max_payload=max_size_of("answer"))
         await self.jobs.start()
         log.info("cloud.started", owners=len(self.trust.owners))
         return self
@@ -604,6 +607,27 @@ class CloudTwin:
                 log.warning("cloud.desired_redelivery_failed", twin=p.twin, device=p.device,
                             reason=_reason(exc))
         await self.requests.on_presence(p)
+
+    def _permit_still_valid(self, d: Delivery, now: float) -> str | None:
+        """At delivery: a queued request whose permit was revoked, or expired, meanwhile is
+        refused instead of reaching the device (which would refuse it too)."""
+        key = (d.requester, d.request_id)
+        permit = self._permits.get(key)
+        if key not in self._permits:
+            try:
+                permit = permit_of(decode(d.envelope, "request"))
+            except CipherTwinError:  # it decoded when admitted: the store's bytes changed
+                return "stored request no longer decodes"
+            self._permits[key] = permit
+            if len(self._permits) > 2000:
+                self._permits.popitem(last=False)
+        if permit is None:
+            return None
+        if permit.token_id in self.interact.revoked:
+            return "permit revoked by the owner"
+        if now >= permit.not_after:
+            return "permit expired while queued"
+        return None
 
     async def _deliver_request(self, d: Delivery) -> None:
         await self.bus.publish(self.topics.inbox(d.device),
