@@ -184,13 +184,23 @@ class Rig:
         return [r["values"] for r in await self.owner_readings("decision", n)]
 
 
+@pytest.fixture(params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """Every test runs on the embedded broker and on Mosquitto (when it runs)."""
+    return request.param
+
+
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path, *, gatekeeper: Gatekeeper | None = None,
+async def rig(tmp_path: Path, broker_kind: str, *, gatekeeper: Gatekeeper | None = None,
               wake: WakeSchedule | None = None) -> AsyncIterator[Rig]:
-    port = free_port()
     prefix = f"ct-inter-{secrets.token_hex(3)}/v1"
-    broker = EmbeddedBroker(port=port)
-    await broker.start()
+    broker: EmbeddedBroker | None = None
+    if broker_kind == "mosquitto":
+        port = 1883
+    else:
+        port = free_port()
+        broker = EmbeddedBroker(port=port)
+        await broker.start()
 
     def bus(name: str) -> BusClient:
         return BusClient("127.0.0.1", port, client_id=f"{name}-{secrets.token_hex(3)}",
@@ -231,7 +241,8 @@ async def rig(tmp_path: Path, *, gatekeeper: Gatekeeper | None = None,
                     agent.stop()
                     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
     finally:
-        await broker.stop()
+        if broker is not None:
+            await broker.stop()
 
 
 async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
@@ -243,8 +254,9 @@ async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "")
 
 # --- P4: desired -> applied -> reported -----------------------------------------------------
 
-async def test_desired_applied_reported_and_replays_refused(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_desired_applied_reported_and_replays_refused(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         v1 = r.desired({"target_c": 22.0}, 0)
         await r.send_desired(v1)
         rep = await r.report(1)
@@ -271,8 +283,8 @@ async def test_desired_applied_reported_and_replays_refused(tmp_path: Path) -> N
             ("allow", "desired:1", "alice"), ("allow", "desired:2", "alice")]
 
 
-async def test_forged_and_unauthorised_writers_refused(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_forged_and_unauthorised_writers_refused(tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         mallory = SigningKey.generate()
         bad = [
             r.desired({"target_c": 24.0}, 0, signer=mallory),  # claims to be the owner
@@ -297,8 +309,9 @@ async def test_forged_and_unauthorised_writers_refused(tmp_path: Path) -> None:
         assert (await r.decisions(1))[0]["principal"] == "bob"
 
 
-async def test_clamp_and_simulator_refusal_reported_out_of_sync(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_clamp_and_simulator_refusal_reported_out_of_sync(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         await r.send_desired(r.desired({"target_c": 30.0}, 0))
         rep = await r.report(1)
         assert rep.state["target_c"] == 25.0 and not rep.in_sync  # clamped: desired != reported
@@ -315,8 +328,9 @@ async def test_clamp_and_simulator_refusal_reported_out_of_sync(tmp_path: Path) 
 
 # --- P5: requests and answers ---------------------------------------------------------------
 
-async def test_request_answered_and_replay_answered_from_cache(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_request_answered_and_replay_answered_from_cache(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         permit = r.permit()
         raw, reply, rid = r.request("set_target", {"target_c": 23.5}, permit=permit)
         await r.send_request(raw)
@@ -337,8 +351,9 @@ async def test_request_answered_and_replay_answered_from_cache(tmp_path: Path) -
         assert len(r.got["reported"]) == 1
 
 
-async def test_request_replay_after_restart_not_reexecuted(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_request_replay_after_restart_not_reexecuted(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         raw, reply, rid = r.request("set_target", {"target_c": 22.5}, permit=r.permit())
         await r.send_request(raw)
         first = await r.answer(1, reply, rid)
@@ -364,8 +379,8 @@ async def test_request_replay_after_restart_not_reexecuted(tmp_path: Path) -> No
             await asyncio.wait_for(task, 10)
 
 
-async def test_revoked_requester_refused_at_the_device(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_revoked_requester_refused_at_the_device(tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         permit = r.permit()
         with capture_logs() as logs:
             await r.revoke(permit, signer=SigningKey.generate())  # forged: not the owner's
@@ -388,8 +403,8 @@ async def test_revoked_requester_refused_at_the_device(tmp_path: Path) -> None:
         assert len(refused) == 2
 
 
-async def test_m_of_n_approvals_and_image_signature(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_m_of_n_approvals_and_image_signature(tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         permit = r.permit()
         image = os.urandom(4096)
 
@@ -418,8 +433,9 @@ async def test_m_of_n_approvals_and_image_signature(tmp_path: Path) -> None:
         assert r.handler.calls == ["firmware_update"] and r.handler.state()["firmware"] == "2.0"
 
 
-async def test_silent_refusal_and_simulator_refusal_of_a_request(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_silent_refusal_and_simulator_refusal_of_a_request(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         permit = r.permit()
         raw, _, _ = r.request("reboot", {}, permit=permit)
         await r.send_request(raw)  # silent: no answer
@@ -435,8 +451,9 @@ async def test_silent_refusal_and_simulator_refusal_of_a_request(tmp_path: Path)
 
 # --- outgoing manipulation, garbage, presence ------------------------------------------------
 
-async def test_redaction_and_coarsening_visible_in_what_the_owner_reads(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_redaction_and_coarsening_visible_in_what_the_owner_reads(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         await r.agent.record(Reading("location", {"lat": 48.20821, "lon": 16.37383,
                                                   "owner_name": "Ann", "speed": 1.5}))
         await r.agent.record(Reading("temperature", {"c": 21.5, "owner_name": "Ann"}))
@@ -448,8 +465,8 @@ async def test_redaction_and_coarsening_visible_in_what_the_owner_reads(tmp_path
 
 
 async def test_garbage_on_the_inbox_is_refused_and_the_device_carries_on(
-        tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         inbox = r.cloud.topics.inbox(DEVICE)
         good = r.desired({"target_c": 22.0}, 0)
         env = decode(good, "desired_set")
@@ -477,8 +494,8 @@ async def test_garbage_on_the_inbox_is_refused_and_the_device_carries_on(
         assert (await r.report(1)).in_sync
 
 
-async def test_presence_and_wake_schedule(tmp_path: Path) -> None:
-    async with rig(tmp_path, wake=WakeSchedule(window_s=1.0, sleep_s=60.0)) as r:
+async def test_presence_and_wake_schedule(tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind, wake=WakeSchedule(window_s=1.0, sleep_s=60.0)) as r:
         first = decode((await r.wait("presence", 1))[0], "presence")
         verify_presence(first, r.owner.signing.verify_key, now=time.time())
         assert first["awake"] and first["until"] <= time.time() + 1.5
@@ -499,8 +516,8 @@ async def test_presence_and_wake_schedule(tmp_path: Path) -> None:
         assert not r.inter.awake
 
 
-async def test_always_awake_presence_renewed(tmp_path: Path) -> None:
-    async with rig(tmp_path, wake=WakeSchedule(window_s=1.0)) as r:
+async def test_always_awake_presence_renewed(tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind, wake=WakeSchedule(window_s=1.0)) as r:
         await r.wait("presence", 3, timeout=5)
         envs = [decode(p, "presence") for p in r.got["presence"][:3]]
         assert all(e["awake"] and e.get("next_wake") is None for e in envs)
