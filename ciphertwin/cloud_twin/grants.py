@@ -77,5 +77,12 @@ class GrantBook:
         """Grants over ``twin`` whose policy the attributes satisfy."""
         return [g for g in self._by_twin.get(twin, {}).values() if g.policy.allows(attributes)]
 
+    def owned_by(self, owner: str) -> list[ActiveGrant]:
+        return [g for g in self._by_id.values() if g.grant.owner == owner]
+
+    def of_twin(self, twin: str) -> list[ActiveGrant]:
+        """Every active grant over ``twin`` (whatever its policy)."""
+        return list(self._by_twin.get(twin, {}).values())
+
     def of_receiver(self, receiver: str, twin: str) -> list[ActiveGrant]:
         return [g for g in self._by_twin.get(twin, {}).values() if g.grant.receiver == receiver]

@@ -9,7 +9,15 @@ secret key. Subscriptions:
   revocations (signed by the owner);
 * ``queries/+``      → history, answered on ``replies/{asker}/{request_id}``, each item with
   the key material the asker can open (its own capsule for the owner, a re-encrypted capsule
-  for a grantee; items no grant of the asker admits are left out).
+  for a grantee; items no grant of the asker admits are left out); ``state_query`` likewise
+  (versions, and the desired/reported documents the asker can open);
+* issue 11 (``twin_state.StateBook``, ``requests.RequestRouter``, ``requests.InteractBook``):
+  ``twins/+/desired`` and ``twins/+/reported`` (versioned state, answered with
+  ``state_result``), ``twins/+/requests`` (answered with ``request_status``),
+  ``twins/+/answers`` and ``devices/+/presence`` (device-signed); control kinds
+  ``interact_grant`` / ``interact_revoke``. Each message is authenticated on metadata only
+  (owner key, installed and unrevoked permit, device write token); garbage is logged and
+  dropped, a refusal of a readable message is answered with its reason.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -29,20 +38,44 @@ from ciphertwin.cloud_twin.grants import ActiveGrant, GrantBook
 from ciphertwin.cloud_twin.ingest import AcceptedItem, IngestPipeline
 from ciphertwin.cloud_twin.jobs import JobManager
 from ciphertwin.cloud_twin.reencryption import ReencryptionPool
-from ciphertwin.cloud_twin.store import Grant, StoredEnvelope, TwinStore
-from ciphertwin.cloud_twin.trust import Rejected, TrustRegistry
+from ciphertwin.cloud_twin.requests import (
+    REFUSED,
+    IncomingRequest,
+    InteractBook,
+    Presence,
+    RequestRouter,
+    Status,
+)
+from ciphertwin.cloud_twin.store import Delivery, Grant, StoredEnvelope, TwinStore
+from ciphertwin.cloud_twin.trust import Owner, Rejected, TrustRegistry
+from ciphertwin.cloud_twin.twin_state import StateBook, Summary, device_grant_id
 from ciphertwin.crypto.errors import SignatureInvalid
 from ciphertwin.crypto.kpcpre import PrePublicKey, ReKey
 from ciphertwin.crypto.policy import Policy
 from ciphertwin.crypto.signing import VerifyKey
-from ciphertwin.errors import ValidationError
+from ciphertwin.crypto.tokens import WriteToken
+from ciphertwin.errors import CipherTwinError, ValidationError
 from ciphertwin.protocol.control import control_request_id, verify_control
 from ciphertwin.protocol.kinds import CONTROL_KINDS
+from ciphertwin.protocol.sealed_docs import OWNER_RECIPIENT, permit_of
+from ciphertwin.protocol.twin_requests import (
+    verify_answer_outer,
+    verify_presence,
+    verify_request_outer,
+)
+from ciphertwin.protocol.twin_state import verify_desired_outer, verify_reported_outer
 from ciphertwin.supervise import spawn
 
 log = structlog.get_logger(__name__)
 
 MAX_HISTORY_PAGE = 2000
+QUERY_KINDS = ("history_query", "state_query")
+
+
+def _reason(exc: BaseException) -> str:
+    """A refusal's reason, short enough for any reply."""
+    text = exc.reason if isinstance(exc, Rejected) else f"{type(exc).__name__}: {exc}"
+    return text[:256]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +91,12 @@ class CloudTwin:
     """Run with ``async with CloudTwin(...) as cloud: await cloud.serve_forever()``."""
 
     def __init__(self, bus: BusClient, store: TwinStore, *,
-                 pool: ReencryptionPool | None = None, operator: VerifyKey | None = None) -> None:
+                 pool: ReencryptionPool | None = None, operator: VerifyKey | None = None,
+                 request_limits: Mapping[str, Any] | None = None,
+                 sweep_interval_s: float = 1.0) -> None:
+        """``request_limits``: keyword arguments of :class:`RequestRouter` (rate limits,
+        queue cap, wake-ups per hour, ...); ``sweep_interval_s``: how often expired requests
+        are dropped and their requesters told."""
         self.bus, self.store = bus, store
         self.topics: Topics = bus.topics
         self.trust = TrustRegistry(store)
@@ -71,6 +109,13 @@ class CloudTwin:
         self._capsule_cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
         self.jobs = JobManager(self, operator=operator)  # 6+: without operator key, no roster
+        self.interact = InteractBook(store)
+        self.state = StateBook(store, self.grants, self.pool, self.topics, self._publish,
+                               excluded_reader=self.jobs.is_node)
+        self.requests = RequestRouter(store, deliver=self._deliver_request,
+                                      wake=self._wake_device, status=self._request_status,
+                                      **dict(request_limits or {}))
+        self.sweep_interval_s = sweep_interval_s
 
     # -- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> CloudTwin:
@@ -89,7 +134,11 @@ class CloudTwin:
         await self.store.open()
         await self.trust.load()
         await self.grants.load()
+        await self.interact.load()
+        await self.requests.load()
         self._tasks.append(spawn("cloud:ingest", self.ingest.run))  # logged + restarted
+        self._tasks.append(spawn("cloud:requests-sweep", lambda: self.requests.run_sweeper(
+            self.sweep_interval_s)))
         t = self.topics
         # each topic's kinds bound its payloads: larger ones are dropped before queueing
         await self.bus.subscribe(t.filter("twin_data"), self._on_data,
@@ -97,7 +146,17 @@ class CloudTwin:
         await self.bus.subscribe(t.filter("control"), self._on_control,
                                  max_payload=max_size_of(*CONTROL_KINDS, "process_token"))
         await self.bus.subscribe(t.filter("query"), self._on_query, concurrency=4,
-                                 max_payload=max_size_of("history_query"))
+                                 max_payload=max_size_of(*QUERY_KINDS))
+        # one at a time each: a twin's writes and a device's queue keep their arrival order
+        for kind, handler, payload_kind in (
+                ("desired", self._on_desired, "desired_set"),
+                ("reported", self._on_reported, "reported_set"),
+                ("requests", self._on_request, "request"),
+                ("presence", self._on_presence, "presence")):
+            await self.bus.subscribe(t.filter(kind), handler,
+                                     max_payload=max_size_of(payload_kind))
+        await self.bus.subscribe(t.filter("answers"), self._on_answer, concurrency=4,
+                                 max_payload=max_size_of("answer"))
         await self.jobs.start()
         log.info("cloud.started", owners=len(self.trust.owners))
         return self
@@ -210,10 +269,12 @@ class CloudTwin:
             if env["owner"] != owner:
                 raise Rejected("control message names another owner than its topic")
             await self._apply_control(owner, env)
+            if env.kind == "interact_revoke":  # after the answer would be too late for devices
+                await self._forward_revoke(owner, env, payload)
             await self._control_result(owner, request_id, True, "ok")
             log.info("cloud.control_applied", owner=owner, kind=env.kind, request=request_id)
-        except (Rejected, ValidationError, SignatureInvalid) as exc:
-            reason = exc.reason if isinstance(exc, Rejected) else f"{type(exc).__name__}: {exc}"
+        except CipherTwinError as exc:  # Rejected, ValidationError, SignatureInvalid, tokens
+            reason = _reason(exc)
             log.warning("cloud.control_rejected", owner=owner, reason=reason)
             if request_id is not None:
                 await self._control_result(owner, request_id, False, reason)
@@ -253,6 +314,31 @@ class CloudTwin:
             if not await self.grants.revoke(owner, env["grant_id"], time.time()):
                 raise Rejected("no such active grant of this owner")
             self._forget_recapsules(env["grant_id"])
+        elif env.kind == "interact_grant":
+            token = InteractBook.parse(env["token"])
+            foreign = [t for t in token.twins
+                       if (o := self.trust.owner_of_twin(t)) is not None and o.name != owner]
+            if foreign:
+                raise Rejected(f"twins of another owner: {', '.join(foreign[:5])}")
+            await self.interact.install(known, env["token"], time.time())
+        elif env.kind == "interact_revoke":
+            await self.interact.revoke(known, env["token_id"], encode(env.kind, env.body))
+
+    async def _forward_revoke(self, owner: str, env: Envelope, payload: bytes) -> None:
+        """The owner-signed revocation to every device of the token's twins (of all the
+        owner's twins when the token is unknown here): devices refuse the token at once."""
+        token = self.interact.tokens.get(env["token_id"])
+        twins = set(token.twins) if token is not None else {
+            t for g in self.grants.owned_by(owner) for t in g.grant.twins}
+        devices = {g.grant.receiver for t in twins for g in self.state.device_grants(t)}
+        body = encode("inbox_revoke", {"revoke": payload})
+        for device in sorted(devices):
+            try:
+                await self.bus.publish(self.topics.inbox(device), body)
+            except Exception as exc:  # noqa: BLE001 - resent at its next awake presence
+                log.warning("cloud.revoke_forward_failed", device=device, error=str(exc))
+        log.info("cloud.interact_revoked", owner=owner, token=env["token_id"].hex(),
+                 devices=len(devices))
 
     def _forget_recapsules(self, grant_id: str) -> None:
         self._recapsules = OrderedDict(
@@ -269,13 +355,16 @@ class CloudTwin:
         failure with an ``error`` (the asker learns why instead of timing out)."""
         asker = self.topics.parse(topic)["principal"]
         try:
-            env = decode(payload, "history_query")
+            env = decode(payload, QUERY_KINDS)
         except ValidationError as exc:
             log.warning("cloud.query_rejected", asker=asker, reason=str(exc))
             request_id = salvage(payload, "history_query", "request_id")
             if request_id is not None:
                 await self._history_reply(asker, {"request_id": request_id, "items": [],
                                                   "error": f"query refused: {exc}"[:256]})
+            return
+        if env.kind == "state_query":
+            await self._state_query(asker, env)
             return
         if self.jobs.is_node(asker):  # nodes get share items per job, under process tokens
             log.warning("cloud.query_rejected", asker=asker, reason="processing nodes have no history")
@@ -328,3 +417,226 @@ class CloudTwin:
         keys = await self._recapsules_for(pairs, capsules)
         return [Keyed(r, keys[(r.capsule_id, g.grant_id)], g.grant_id) for r, g in chosen
                 if g is not None and (r.capsule_id, g.grant_id) in keys]
+
+    # -- issue 11: state, requests, presence ---------------------------------------------------
+    async def _publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        await self.bus.publish(topic, payload, qos=qos)
+
+    def _owner_for(self, twin: str) -> Owner:
+        """The twin's owner: bound by its devices' items, else the one owner whose grants
+        or installed permits name it (a twin may get desired state before any reading)."""
+        owner = self.trust.owner_of_twin(twin)
+        if owner is not None:
+            return owner
+        names = {g.grant.owner for g in self.grants.of_twin(twin)}
+        keys = {t.issuer.raw for t in self.interact.tokens.values() if twin in t.twins}
+        names |= {o.name for o in self.trust.owners.values() if o.verify_key.raw in keys}
+        if len(names) == 1 and (found := self.trust.owners.get(names.pop())) is not None:
+            return found
+        raise Rejected("unknown twin: no owner's items, grants or permits name it")
+
+    def _check_author(self, env: Envelope, author: str, owner: Owner) -> None:
+        """After ``verify_*_outer``: the owner writes under its own name; anyone else under a
+        permit the owner installed here and has not revoked."""
+        permit = permit_of(env)
+        if permit is None:
+            if author != owner.name:
+                raise Rejected("signed with the owner's key under another name")
+        else:
+            self.interact.check(permit)
+
+    def _device_of(self, twin: str, device: str) -> bool:
+        """Is ``device`` one of the twin's devices as far as the owner told the cloud?"""
+        grant = self.grants.get(device_grant_id(device))
+        return (grant is not None and twin in grant.grant.twins) \
+            or self.trust.device_key_of(twin, device) is not None
+
+    def _device_token(self, env: Envelope) -> WriteToken:
+        """The device's (already verified) write token; its key must be the one the name is
+        bound to, as for items."""
+        token = WriteToken.from_bytes(env["token"])
+        self.trust.check_device(env["twin"], env["device"], token.device_key)
+        return token
+
+    def _topic_twin(self, topic: str, env: Envelope) -> None:
+        if env["twin"] != self.topics.parse(topic)["twin"]:
+            raise Rejected("message names another twin than its topic")
+
+    async def _summary_or_zero(self, twin: str) -> Summary:
+        try:
+            return await self.state.summary(twin)
+        except Exception:  # noqa: BLE001 - a refusal is answered even if the store fails
+            return Summary(0, 0, False)
+
+    async def _state_result(self, principal: str, request_id: str, ok: bool, reason: str,
+                            summary: Summary) -> None:
+        body = {"request_id": request_id, "ok": ok, "reason": reason[:256],
+                "desired_version": summary.desired_version,
+                "reported_version": summary.reported_version}
+        try:
+            await self.bus.publish(self.topics.replies(principal, request_id),
+                                   encode("state_result", body))
+        except Exception as exc:  # noqa: BLE001 - the writer retries or queries
+            log.warning("cloud.state_result_failed", principal=principal, error=str(exc))
+
+    async def _on_desired(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            env = decode(payload, "desired_set")
+        except ValidationError as exc:
+            await self._garbage(topic, "desired_set", payload, exc, "writer")
+            return
+        writer, rid, twin = env["writer"], env["request_id"], env["twin"]
+        try:
+            self._topic_twin(topic, env)
+            owner = self._owner_for(twin)
+            writer = verify_desired_outer(env, owner.verify_key, now=time.time())
+            self._check_author(env, writer, owner)
+            outcome, summary = await self.state.accept_desired(owner, env, payload, writer)
+        except CipherTwinError as exc:
+            log.warning("cloud.desired_refused", twin=twin, writer=writer, reason=_reason(exc))
+            await self._state_result(writer, rid, False, _reason(exc),
+                                     await self._summary_or_zero(twin))
+            return
+        reason = "ok" if outcome.accepted else \
+            f"stale: current desired_version is {outcome.current}"
+        await self._state_result(writer, rid, outcome.accepted, reason, summary)
+
+    async def _on_reported(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            env = decode(payload, "reported_set")
+        except ValidationError as exc:
+            await self._garbage(topic, "reported_set", payload, exc, "device")
+            return
+        device, rid, twin = env["device"], env["request_id"], env["twin"]
+        try:
+            self._topic_twin(topic, env)
+            owner = self._owner_for(twin)
+            verify_reported_outer(env, owner.verify_key, now=time.time())
+            self._device_token(env)
+            outcome, summary = await self.state.accept_reported(owner, env, payload)
+        except CipherTwinError as exc:
+            log.warning("cloud.reported_refused", twin=twin, device=device, reason=_reason(exc))
+            await self._state_result(device, rid, False, _reason(exc),
+                                     await self._summary_or_zero(twin))
+            return
+        reason = "ok" if outcome.accepted else (
+            f"stale: reported version {env['version']} is not above {outcome.current}")
+        await self._state_result(device, rid, outcome.accepted, reason, summary)
+
+    async def _state_query(self, asker: str, env: Envelope) -> None:
+        twin, rid = env["twin"], env["request_id"]
+        try:
+            owner = self._owner_for(twin)
+            may_see = (asker == owner.name or bool(self.grants.of_receiver(asker, twin))
+                       or asker in self.interact.holders(twin))
+            body = await self.state.query(asker, owner, twin, rid, may_see=may_see)
+        except CipherTwinError as exc:
+            body = {"request_id": rid, "twin": twin, "desired_version": 0,
+                    "reported_version": 0, "in_sync": False, "error": _reason(exc)}
+        except Exception as exc:  # noqa: BLE001 - answered: the store failed, not the asker
+            log.error("cloud.state_query_failed", asker=asker, twin=twin,
+                      error=f"{type(exc).__name__}: {exc}"[:300])
+            body = {"request_id": rid, "twin": twin, "desired_version": 0,
+                    "reported_version": 0, "in_sync": False,
+                    "error": "state unavailable: the cloud's store failed (try again later)"}
+        if "error" in body:
+            log.warning("cloud.state_query_refused", asker=asker, twin=twin, reason=body["error"])
+        await self.bus.publish(self.topics.replies(asker, rid), encode("state_reply", body))
+
+    async def _on_request(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            env = decode(payload, "request")
+        except ValidationError as exc:
+            await self._garbage(topic, "request", payload, exc, "requester")
+            return
+        requester, rid, twin = env["requester"], env["request_id"], env["twin"]
+        try:
+            self._topic_twin(topic, env)
+            owner = self._owner_for(twin)
+            verify_request_outer(env, owner.verify_key, now=time.time())
+            self._check_author(env, requester, owner)
+        except CipherTwinError as exc:
+            log.warning("requests.refused", twin=twin, requester=requester, request=rid,
+                        reason=_reason(exc))
+            await self._request_status(requester, rid, Status(REFUSED, _reason(exc)), None)
+            return
+        wraps = {w["to"]: w["wrap"] for w in env["wraps"]
+                 if w["to"] != OWNER_RECIPIENT and self._device_of(twin, w["to"])}
+        await self.requests.submit(IncomingRequest(twin, requester, rid, float(env["deadline"]),
+                                                   bool(env["wake"]), payload, wraps))
+
+    async def _on_answer(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            env = decode(payload, "answer")
+            self._topic_twin(topic, env)
+            owner = self._owner_for(env["twin"])
+            verify_answer_outer(env, owner.verify_key, now=time.time())
+            self._device_token(env)
+        except CipherTwinError as exc:
+            log.warning("cloud.answer_refused", topic=topic, reason=_reason(exc))
+            return
+        await self.requests.on_answer(env["twin"], env["device"], env["requester"],
+                                      env["request_id"], payload)
+
+    async def _on_presence(self, topic: str, payload: bytes, retain: bool) -> None:
+        """A device's (signed) presence; at the start of an awake period it gets, in this
+        order, the owner's revocations, the desired state it has not seen, its queue."""
+        try:
+            env = decode(payload, "presence")
+            if env["device"] != self.topics.parse(topic)["device"]:
+                raise Rejected("presence names another device than its topic")
+            owner = self._owner_for(env["twin"])
+            verify_presence(env, owner.verify_key, now=time.time())
+            self._device_token(env)
+        except CipherTwinError as exc:
+            log.warning("cloud.presence_refused", topic=topic, reason=_reason(exc))
+            return
+        p = Presence(env["twin"], env["device"], env["awake"], float(env["until"]),
+                     env.get("next_wake"), float(env["window_s"]), env["wakeable"],
+                     float(env["time"]))
+        if self.requests.starts_awake_period(p):
+            for revoke in self.interact.revocations_for(owner.name, p.twin, time.time()):
+                await self.bus.publish(self.topics.inbox(p.device),
+                                       encode("inbox_revoke", {"revoke": revoke}))
+            try:
+                await self.state.redeliver_desired(owner, p.twin, p.device)
+            except CipherTwinError as exc:
+                log.warning("cloud.desired_redelivery_failed", twin=p.twin, device=p.device,
+                            reason=_reason(exc))
+        await self.requests.on_presence(p)
+
+    async def _deliver_request(self, d: Delivery) -> None:
+        await self.bus.publish(self.topics.inbox(d.device),
+                               encode("inbox_request", {"request": d.envelope, "wrap": d.wrap}))
+
+    async def _wake_device(self, twin: str, device: str) -> None:
+        await self.bus.publish(self.topics.inbox(device),
+                               encode("inbox_wake", {"twin": twin, "time": time.time()}))
+
+    async def _request_status(self, requester: str, request_id: str, status: Status,
+                              answer: bytes | None) -> None:
+        body: dict[str, object] = {"request_id": request_id, "state": status.state,
+                                   "reason": status.reason[:256]}
+        if answer is not None:
+            body["answer"] = answer
+        await self.bus.publish(self.topics.replies(requester, request_id),
+                               encode("request_status", body))
+
+    async def _garbage(self, topic: str, kind: str, payload: bytes, exc: Exception,
+                       author_field: str) -> None:
+        """Log and drop a message that does not decode; if its author and request id can
+        be read on their own, tell them why (they would otherwise wait for a timeout)."""
+        log.warning("cloud.garbage", topic=topic, kind=kind, size=len(payload),
+                    reason=str(exc)[:200])
+        author = salvage(payload, kind, author_field)
+        rid = salvage(payload, kind, "request_id")
+        if author is None or rid is None:
+            return
+        reason = f"malformed {kind}: {exc}"[:256]
+        try:
+            if kind == "request":
+                await self._request_status(author, rid, Status(REFUSED, reason), None)
+            else:
+                await self._state_result(author, rid, False, reason, Summary(0, 0, False))
+        except Exception as exc2:  # noqa: BLE001 - best effort
+            log.warning("cloud.garbage_reply_failed", topic=topic, error=str(exc2))

@@ -24,10 +24,12 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
+from typing import Any, Protocol
 
 import aiosqlite
 import structlog
@@ -106,6 +108,145 @@ class Unstorable:
 
 
 Stored = Outcome | Unstorable
+
+
+
+# -- twin state (P4) and requests (P5): records ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredRecord:
+    """The latest desired document of a twin: an opaque, signed ``desired_set`` envelope
+    (always the full document) plus the plaintext metadata the cloud decides on."""
+
+    twin: str
+    version: int
+    writer: str
+    envelope: bytes
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedRecord:
+    """A device's latest ``reported_set`` envelope and its plaintext metadata."""
+
+    twin: str
+    device: str
+    version: int
+    desired_version: int
+    in_sync: bool
+    envelope: bytes
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class VersionOutcome:
+    """Result of a compare-and-set on a version: ``accepted`` and the version stored after
+    the call (the caller's on success, the winner's on a refusal)."""
+
+    accepted: bool
+    current: int
+    duplicate: bool = False
+    """Accepted because exactly these bytes were stored already (a resend): nothing changed."""
+
+
+class RequestState(StrEnum):
+    """A request as the cloud keeps it; ``OPEN`` is queued or delivered, not yet final."""
+
+    OPEN = "open"
+    ANSWERED = "answered"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One accepted request: opaque envelope plus metadata (no plaintext)."""
+
+    requester: str
+    request_id: str
+    twin: str
+    envelope: bytes
+    deadline: float
+    wake: bool
+    received: float
+    state: RequestState = RequestState.OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One request in one device's queue, in arrival order (``ord``)."""
+
+    ord: int
+    twin: str
+    device: str
+    requester: str
+    request_id: str
+    wrap: bytes
+    delivered: bool
+    envelope: bytes
+    deadline: float
+    wake: bool
+
+
+class Enqueued(StrEnum):
+    NEW = "new"
+    REPLAYED = "replayed"
+    FULL = "full"
+
+
+class StateTx(Protocol):
+    """One open transaction of a backend, over the shared SQL (``?`` placeholders)."""
+
+    async def fetch(self, sql: str, *args: object) -> list[Sequence[Any]]: ...
+
+    async def execute(self, sql: str, *args: object) -> int:
+        """Run a statement; the number of rows it changed."""
+        ...
+
+
+_STATE_SQL = {
+    "desired_get": "SELECT version, writer, envelope, time FROM {s}twin_desired WHERE twin = ?",
+    "desired_insert": "INSERT INTO {s}twin_desired (twin, version, writer, envelope, time) "
+                      "VALUES (?, ?, ?, ?, ?) ON CONFLICT (twin) DO NOTHING",
+    "desired_update": "UPDATE {s}twin_desired SET version = ?, writer = ?, envelope = ?, time = ? "
+                      "WHERE twin = ? AND version = ?",
+    "reported_get": "SELECT device, version, desired_version, in_sync, envelope, time "
+                    "FROM {s}twin_reported WHERE twin = ? ORDER BY time DESC, device",
+    "reported_one": "SELECT version, envelope FROM {s}twin_reported WHERE twin = ? AND device = ?",
+    "reported_put": (
+        "INSERT INTO {s}twin_reported AS cur (twin, device, version, desired_version, in_sync, "
+        "envelope, time) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (twin, device) DO UPDATE SET "
+        "version = excluded.version, desired_version = excluded.desired_version, "
+        "in_sync = excluded.in_sync, envelope = excluded.envelope, time = excluded.time "
+        "WHERE cur.version < excluded.version"),
+    "request_insert": "INSERT INTO {s}requests (requester, request_id, twin, envelope, deadline, "
+                      "wake, received, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'open') "
+                      "ON CONFLICT (requester, request_id) DO NOTHING",
+    "request_get": "SELECT twin, envelope, deadline, wake, received, state FROM {s}requests "
+                   "WHERE requester = ? AND request_id = ?",
+    "request_close": "UPDATE {s}requests SET state = ?, closed = ? "
+                     "WHERE requester = ? AND request_id = ? AND state = 'open'",
+    "requests_due": "SELECT requester, request_id, twin, envelope, deadline, wake, received, "
+                    "state FROM {s}requests WHERE state = 'open' AND deadline < ? "
+                    "ORDER BY deadline LIMIT ?",
+    "requests_purge": "DELETE FROM {s}requests WHERE state <> 'open' AND deadline < ?",
+    "queue_count": "SELECT count(*) FROM {s}request_queue WHERE twin = ? AND device = ?",
+    "queue_insert": "INSERT INTO {s}request_queue (twin, device, requester, request_id, wrap, "
+                    "delivered) VALUES (?, ?, ?, ?, ?, ?)",
+    "queue_of_device": (
+        "SELECT q.ord, q.requester, q.request_id, q.wrap, q.delivered, r.envelope, r.deadline, "
+        "r.wake FROM {s}request_queue q JOIN {s}requests r "
+        "ON r.requester = q.requester AND r.request_id = q.request_id "
+        "WHERE q.twin = ? AND q.device = ? AND q.ord > ? AND (? OR q.delivered = ?) "
+        "ORDER BY q.ord LIMIT ?"),
+    "queue_mark": "UPDATE {s}request_queue SET delivered = ? "
+                  "WHERE twin = ? AND device = ? AND ord <= ? AND ord >= ? AND delivered = ?",
+    "queue_has": "SELECT 1 FROM {s}request_queue WHERE requester = ? AND request_id = ? "
+                 "AND twin = ? AND device = ?",
+    "queue_drop": "DELETE FROM {s}request_queue WHERE requester = ? AND request_id = ?",
+    "queue_devices": "SELECT DISTINCT twin, device FROM {s}request_queue",
+}
+"""SQL both backends share (PostgreSQL numbers the ``?``; ``{s}`` is its schema)."""
 
 
 class StoreUnavailable(CipherTwinError):
@@ -236,9 +377,176 @@ class TwinStore(abc.ABC):
     @abc.abstractmethod
     async def cache_recapsules(self, rows: Sequence[tuple[bytes, str, bytes]]) -> None: ...
 
+    # -- twin state (P4) and requests (P5) ------------------------------------------------
+    # The logic lives here once; a backend gives a transaction (`_state_tx`) running the
+    # shared SQL of `_STATE_SQL`, and `_lock_device` (serialises one device's queue across
+    # cloud workers for the cap check).
+
+    @abc.abstractmethod
+    def _state_tx(self) -> contextlib.AbstractAsyncContextManager[StateTx]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+
+    async def _lock_device(self, tx: StateTx, twin: str, device: str) -> None:
+        """Hold one device's queue until the transaction ends (a backend that serialises
+        every write transaction needs nothing more)."""
+
+    async def get_desired(self, twin: str) -> DesiredRecord | None:
+        async with self._state_tx() as tx:
+            rows = await tx.fetch(_STATE_SQL["desired_get"], twin)
+        if not rows:
+            return None
+        version, writer, envelope, at = rows[0]
+        return DesiredRecord(twin, int(version), str(writer), bytes(envelope), float(at))
+
+    async def set_desired(self, record: DesiredRecord, base_version: int) -> VersionOutcome:
+        """Store ``record`` (whose version must be ``base_version + 1``) iff the stored
+        version is still ``base_version`` — one transaction, so of two concurrent writers
+        from the same base exactly one wins. A resend of the stored envelope is accepted
+        again (``duplicate``) without changing anything."""
+        if record.version != base_version + 1:
+            raise ValueError("a desired version is its base version + 1")
+        async with self._state_tx() as tx:
+            if base_version == 0:
+                changed = await tx.execute(
+                    _STATE_SQL["desired_insert"], record.twin, record.version, record.writer,
+                    record.envelope, float(record.time))
+            else:
+                changed = await tx.execute(
+                    _STATE_SQL["desired_update"], record.version, record.writer,
+                    record.envelope, float(record.time), record.twin, base_version)
+            if changed:
+                return VersionOutcome(True, record.version)
+            rows = await tx.fetch(_STATE_SQL["desired_get"], record.twin)
+        current = int(rows[0][0]) if rows else 0
+        if current == record.version and rows and bytes(rows[0][2]) == record.envelope:
+            return VersionOutcome(True, current, duplicate=True)
+        return VersionOutcome(False, current)
+
+    async def get_reported(self, twin: str) -> list[ReportedRecord]:
+        """Every device's latest report of ``twin``, newest first."""
+        async with self._state_tx() as tx:
+            rows = await tx.fetch(_STATE_SQL["reported_get"], twin)
+        return [ReportedRecord(twin, str(d), int(v), int(dv), bool(s), bytes(e), float(t))
+                for d, v, dv, s, e, t in rows]
+
+    async def put_reported(self, record: ReportedRecord) -> VersionOutcome:
+        """Store a device's report iff its version is above the stored one (a resend of the
+        stored bytes is a ``duplicate``)."""
+        async with self._state_tx() as tx:
+            changed = await tx.execute(
+                _STATE_SQL["reported_put"], record.twin, record.device, record.version,
+                record.desired_version, record.in_sync, record.envelope, float(record.time))
+            if changed:
+                return VersionOutcome(True, record.version)
+            rows = await tx.fetch(_STATE_SQL["reported_one"], record.twin, record.device)
+        current = int(rows[0][0]) if rows else 0
+        if current == record.version and rows and bytes(rows[0][1]) == record.envelope:
+            return VersionOutcome(True, current, duplicate=True)
+        return VersionOutcome(False, current)
+
+    async def enqueue_request(self, record: RequestRecord, wraps: Mapping[str, bytes],
+                              cap: int) -> tuple[Enqueued, str | None]:
+        """Queue a request for each device of ``wraps`` (device -> its wrap), in one
+        transaction: REPLAYED if (requester, request_id) was seen, FULL (with the device) if
+        a device already holds ``cap`` queued requests — then nothing is stored."""
+        try:
+            async with self._state_tx() as tx:
+                for device in sorted(wraps):  # one lock order: two workers cannot deadlock
+                    await self._lock_device(tx, record.twin, device)
+                if not await tx.execute(
+                        _STATE_SQL["request_insert"], record.requester, record.request_id,
+                        record.twin, record.envelope, float(record.deadline), record.wake,
+                        float(record.received)):
+                    return Enqueued.REPLAYED, None
+                for device in sorted(wraps):
+                    rows = await tx.fetch(_STATE_SQL["queue_count"], record.twin, device)
+                    if int(rows[0][0]) >= cap:
+                        raise _Full(device)  # rolls the request row back too
+                    await tx.execute(_STATE_SQL["queue_insert"], record.twin, device,
+                                     record.requester, record.request_id, wraps[device], False)
+        except _Full as full:
+            return Enqueued.FULL, full.device
+        return Enqueued.NEW, None
+
+    async def device_queue(self, twin: str, device: str, *, after: int = 0,
+                           include_delivered: bool = True, limit: int = 1000) -> list[Delivery]:
+        """Open requests queued for a device, in arrival order, from after ``after``."""
+        async with self._state_tx() as tx:
+            rows = await tx.fetch(_STATE_SQL["queue_of_device"], twin, device, after,
+                                  include_delivered, False, limit)
+        return [Delivery(int(o), twin, device, str(r), str(i), bytes(w), bool(d), bytes(e),
+                         float(dl), bool(wk)) for o, r, i, w, d, e, dl, wk in rows]
+
+    async def queue_length(self, twin: str, device: str) -> int:
+        async with self._state_tx() as tx:
+            rows = await tx.fetch(_STATE_SQL["queue_count"], twin, device)
+        return int(rows[0][0])
+
+    async def queued_devices(self) -> list[tuple[str, str]]:
+        """(twin, device) of every device with a non-empty queue."""
+        async with self._state_tx() as tx:
+            rows = await tx.fetch(_STATE_SQL["queue_devices"])
+        return [(str(t), str(d)) for t, d in rows]
+
+    async def mark_delivered(self, twin: str, device: str, first: int, last: int) -> None:
+        """The device's queued requests with ``first <= ord <= last`` were published."""
+        async with self._state_tx() as tx:
+            await tx.execute(_STATE_SQL["queue_mark"], True, twin, device, last, first, False)
+
+    async def get_request(self, requester: str, request_id: str) -> RequestRecord | None:
+        async with self._state_tx() as tx:
+            rows = await tx.fetch(_STATE_SQL["request_get"], requester, request_id)
+        if not rows:
+            return None
+        return _request_record(requester, request_id, rows[0])
+
+    async def close_request(self, requester: str, request_id: str, state: RequestState,
+                            at: float, *, twin: str | None = None,
+                            device: str | None = None) -> RequestRecord | None:
+        """Make an open request final (answered, expired) and drop it from every queue; the
+        record if it was open (and, when given, queued for ``device`` of ``twin``)."""
+        async with self._state_tx() as tx:
+            rows = await tx.fetch(_STATE_SQL["request_get"], requester, request_id)
+            if not rows or rows[0][5] != RequestState.OPEN:
+                return None
+            if device is not None and not await tx.fetch(
+                    _STATE_SQL["queue_has"], requester, request_id, twin, device):
+                return None
+            if not await tx.execute(_STATE_SQL["request_close"], state.value, float(at),
+                                    requester, request_id):
+                return None
+            await tx.execute(_STATE_SQL["queue_drop"], requester, request_id)
+        return _request_record(requester, request_id, rows[0])
+
+    async def due_requests(self, now: float, limit: int = 1000) -> list[RequestRecord]:
+        """Open requests whose deadline has passed, oldest deadline first."""
+        async with self._state_tx() as tx:
+            rows = await tx.fetch(_STATE_SQL["requests_due"], float(now), limit)
+        return [_request_record(r[0], r[1], r[2:]) for r in rows]
+
+    async def purge_requests(self, before: float) -> int:
+        """Forget final requests whose deadline is before ``before``: a replay of one is
+        refused as expired by then, so its id need not be remembered."""
+        async with self._state_tx() as tx:
+            return await tx.execute(_STATE_SQL["requests_purge"], float(before))
+
     async def check(self) -> None:
         """Health check for `store_watch`: StoreUnavailable if the store is lost for good,
         another error if it failed now (it may recover)."""
+
+
+class _Full(Exception):
+    """A device's queue is at its cap: aborts (rolls back) the enqueue transaction."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(device)
+        self.device = device
+
+
+def _request_record(requester: str, request_id: str, row: Sequence[Any]) -> RequestRecord:
+    twin, envelope, deadline, wake, received, state = row
+    return RequestRecord(str(requester), str(request_id), str(twin), bytes(envelope),
+                         float(deadline), bool(wake), float(received), RequestState(state))
 
 
 _SCHEMA = """
@@ -282,6 +590,47 @@ CREATE TABLE IF NOT EXISTS recapsules (
     data       BLOB NOT NULL,
     PRIMARY KEY (capsule_id, grant_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS twin_desired (
+    twin     TEXT    PRIMARY KEY,
+    version  INTEGER NOT NULL,
+    writer   TEXT    NOT NULL,
+    envelope BLOB    NOT NULL,
+    time     REAL    NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS twin_reported (
+    twin            TEXT    NOT NULL,
+    device          TEXT    NOT NULL,
+    version         INTEGER NOT NULL,
+    desired_version INTEGER NOT NULL,
+    in_sync         INTEGER NOT NULL,
+    envelope        BLOB    NOT NULL,
+    time            REAL    NOT NULL,
+    PRIMARY KEY (twin, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS requests (
+    requester  TEXT    NOT NULL,
+    request_id TEXT    NOT NULL,
+    twin       TEXT    NOT NULL,
+    envelope   BLOB    NOT NULL,
+    deadline   REAL    NOT NULL,
+    wake       INTEGER NOT NULL,
+    received   REAL    NOT NULL,
+    state      TEXT    NOT NULL,
+    closed     REAL,
+    PRIMARY KEY (requester, request_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS requests_by_state_deadline ON requests (state, deadline);
+CREATE TABLE IF NOT EXISTS request_queue (
+    ord        INTEGER PRIMARY KEY AUTOINCREMENT,
+    twin       TEXT    NOT NULL,
+    device     TEXT    NOT NULL,
+    requester  TEXT    NOT NULL,
+    request_id TEXT    NOT NULL,
+    wrap       BLOB    NOT NULL,
+    delivered  INTEGER NOT NULL,
+    UNIQUE (requester, request_id, device)
+);
+CREATE INDEX IF NOT EXISTS request_queue_by_device ON request_queue (twin, device, ord);
 """
 
 
@@ -306,6 +655,11 @@ class SqliteTwinStore(TwinStore):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        self._state_db: aiosqlite.Connection | None = None
+        """Connection of the state and request tables: their transactions span several
+        statements, which on the shared connection another task's commit (or rollback)
+        could cut in two."""
+        self._state_lock = asyncio.Lock()
         self._file: tuple[int, int] | None = None  # (device, inode) of the file we opened
 
     @property
@@ -326,19 +680,43 @@ class SqliteTwinStore(TwinStore):
             self._file = await asyncio.to_thread(_prepare_file, self.path)
             self._db = await aiosqlite.connect(self.path)
             await self._db.execute("PRAGMA synchronous=FULL")
+            self._state_db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._state_db.execute("PRAGMA synchronous=FULL")
         except BaseException as exc:
-            if self._db is not None:
-                db, self._db = self._db, None
-                with contextlib.suppress(Exception):  # the thread ends even if closing fails
-                    await db.close()
+            for db in (self._db, self._state_db):
+                if db is not None:
+                    with contextlib.suppress(Exception):  # the thread ends even if closing fails
+                        await db.close()
+            self._db = self._state_db = None
             if isinstance(exc, (OSError, sqlite3.Error)):
                 raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
             raise
 
     async def close(self) -> None:
+        if self._state_db is not None:
+            async with self._state_lock:  # a transaction in progress ends first
+                state_db, self._state_db = self._state_db, None
+                await state_db.close()
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+    @asynccontextmanager
+    async def _state_tx(self) -> AsyncIterator[StateTx]:
+        """BEGIN IMMEDIATE on the state connection: the write lock from the start, so a
+        compare-and-set cannot interleave with another writer's (another process too)."""
+        async with self._state_lock:
+            if self._state_db is None:
+                raise RuntimeError("store is not open")
+            db = self._state_db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteTx(db)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
 
     async def _append(self, envelopes: Sequence[StoredEnvelope]) -> list[Outcome]:
         now = time.time()
@@ -559,6 +937,20 @@ class SqliteTwinStore(TwinStore):
         if not same:
             raise StoreUnavailable(f"the store file {self.path} was deleted or replaced")
         await self.db.execute_fetchall("SELECT 1")
+
+
+class _SqliteTx:
+    """`StateTx` over an aiosqlite connection (the shared SQL needs no translation)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    async def fetch(self, sql: str, *args: object) -> list[Sequence[Any]]:
+        return list(await self.db.execute_fetchall(sql.format(s=""), args))
+
+    async def execute(self, sql: str, *args: object) -> int:
+        async with self.db.execute(sql.format(s=""), args) as cur:
+            return int(cur.rowcount)
 
 
 class _AttributeCache:

@@ -19,8 +19,11 @@ the idempotence rules); what changes is that other processes write concurrently:
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 
@@ -28,6 +31,7 @@ from ciphertwin.cloud_twin.store import (
     Fault,
     Grant,
     Outcome,
+    StateTx,
     StoredEnvelope,
     StoreUnavailable,
     TwinStore,
@@ -83,6 +87,47 @@ CREATE TABLE IF NOT EXISTS {s}.recapsules (
     data       BYTEA NOT NULL,
     PRIMARY KEY (capsule_id, grant_id)
 );
+CREATE TABLE IF NOT EXISTS {s}.twin_desired (
+    twin     TEXT PRIMARY KEY,
+    version  BIGINT           NOT NULL,
+    writer   TEXT             NOT NULL,
+    envelope BYTEA            NOT NULL,
+    time     DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.twin_reported (
+    twin            TEXT             NOT NULL,
+    device          TEXT             NOT NULL,
+    version         BIGINT           NOT NULL,
+    desired_version BIGINT           NOT NULL,
+    in_sync         BOOLEAN          NOT NULL,
+    envelope        BYTEA            NOT NULL,
+    time            DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (twin, device)
+);
+CREATE TABLE IF NOT EXISTS {s}.requests (
+    requester  TEXT             NOT NULL,
+    request_id TEXT             NOT NULL,
+    twin       TEXT             NOT NULL,
+    envelope   BYTEA            NOT NULL,
+    deadline   DOUBLE PRECISION NOT NULL,
+    wake       BOOLEAN          NOT NULL,
+    received   DOUBLE PRECISION NOT NULL,
+    state      TEXT             NOT NULL,
+    closed     DOUBLE PRECISION,
+    PRIMARY KEY (requester, request_id)
+);
+CREATE INDEX IF NOT EXISTS requests_by_state_deadline ON {s}.requests (state, deadline);
+CREATE TABLE IF NOT EXISTS {s}.request_queue (
+    ord        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    twin       TEXT    NOT NULL,
+    device     TEXT    NOT NULL,
+    requester  TEXT    NOT NULL,
+    request_id TEXT    NOT NULL,
+    wrap       BYTEA   NOT NULL,
+    delivered  BOOLEAN NOT NULL,
+    UNIQUE (requester, request_id, device)
+);
+CREATE INDEX IF NOT EXISTS request_queue_by_device ON {s}.request_queue (twin, device, ord);
 """
 
 # First copy of a key within the batch wins (DISTINCT ON … ORDER BY ord); key order of the
@@ -159,6 +204,30 @@ _STORE_ERRORS = (
 """Errors that no envelope is to blame for: a batch failing with one is not split."""
 
 
+_PLACEHOLDER = re.compile(r"\?")
+
+
+class _PgTx:
+    """`StateTx` on one connection inside a transaction; the shared SQL's ``?`` become
+    ``$1…`` and ``{s}`` the schema."""
+
+    def __init__(self, conn: asyncpg.Connection, schema: str) -> None:
+        self.conn, self.schema = conn, schema
+
+    async def fetch(self, sql: str, *args: object) -> list[Sequence[Any]]:
+        return list(await self.conn.fetch(_pg_sql(sql, self.schema), *args))
+
+    async def execute(self, sql: str, *args: object) -> int:
+        status = await self.conn.execute(_pg_sql(sql, self.schema), *args)
+        return int(status.rsplit(" ", 1)[-1])  # "UPDATE 1", "INSERT 0 1", "DELETE 3"
+
+
+@functools.lru_cache(maxsize=256)
+def _pg_sql(sql: str, schema: str) -> str:
+    numbers = iter(range(1, 1000))
+    return _PLACEHOLDER.sub(lambda _: f"${next(numbers)}", sql).format(s=f'"{schema}".')
+
+
 class PostgresTwinStore(TwinStore):
     """asyncpg connection pool over tables in one schema; safe for several cloud workers."""
 
@@ -204,6 +273,17 @@ class PostgresTwinStore(TwinStore):
 
     async def check(self) -> None:
         await self.pool.fetchval("SELECT 1")
+
+    @asynccontextmanager
+    async def _state_tx(self) -> AsyncIterator[StateTx]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield _PgTx(conn, self.schema)
+
+    async def _lock_device(self, tx: StateTx, twin: str, device: str) -> None:
+        """A transaction-scoped advisory lock per device queue: the cap is checked and the
+        row inserted by one cloud worker at a time."""
+        await tx.fetch("SELECT pg_advisory_xact_lock(hashtext(?))",
+                       f"ciphertwin.queue:{self.schema}:{twin}/{device}")
 
     async def close(self) -> None:
         if self._pool is not None:

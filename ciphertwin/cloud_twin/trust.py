@@ -159,6 +159,10 @@ class TrustRegistry:
             self._device_key[name] = device_key.raw
             await self.store.put_kv("device_key", name, device_key.raw)
 
+    def device_key_of(self, twin: str, device: str) -> bytes | None:
+        """The key a device name of ``twin`` is bound to (None: it has sent nothing yet)."""
+        return self._device_key.get(_device_slot(twin, device))
+
     def owner_of_twin(self, twin: str) -> Owner | None:
         raw = self._twin_owner.get(twin)
         return self._owner_by_key.get(raw) if raw is not None else None
