@@ -499,8 +499,11 @@ async def test_presence_and_wake_schedule(tmp_path: Path, broker_kind: str) -> N
         first = decode((await r.wait("presence", 1))[0], "presence")
         verify_presence(first, r.owner.signing.verify_key, now=time.time())
         assert first["awake"] and first["until"] <= time.time() + 1.5
-        await until(lambda: not r.inter.awake, 5, "asleep after the window")
-        asleep = decode(r.got["presence"][-1], "presence")
+        def last_presence() -> dict:
+            return decode(r.got["presence"][-1], "presence").body
+
+        await until(lambda: not last_presence()["awake"], 5, "asleep after the window")
+        asleep = last_presence()
         assert not asleep["awake"] and asleep["next_wake"] > time.time() + 50
         n = len(r.got["presence"])
         await r.relay("inbox_wake", {"twin": TWIN, "time": time.time()})
@@ -509,7 +512,7 @@ async def test_presence_and_wake_schedule(tmp_path: Path, broker_kind: str) -> N
         assert decode(r.got["presence"][n], "presence")["awake"]
         # the device's own wake cap holds whatever the cloud sends
         r.inter.wake = WakeSchedule(window_s=1.0, sleep_s=60.0, max_wakes_per_hour=1)
-        await until(lambda: not r.inter.awake, 5, "asleep again")
+        await until(lambda: not last_presence()["awake"], 5, "asleep again")
         with capture_logs() as logs:
             await r.relay("inbox_wake", {"twin": TWIN, "time": time.time()})
             await until(lambda: any(e["event"] == "device.inbox_refused" for e in logs), 5)

@@ -114,21 +114,29 @@ class DeviceInteraction:
                                                                principal=self.config.device)
         async with self.store:
             self._revoked = await self.store.revoked()
-            await self.bus.subscribe(inbox, self._on_inbox, max_payload=max_size_of(*INBOX_KINDS))
-            await self.bus.subscribe(replies, self._on_reply,
-                                     max_payload=max_size_of("state_result"))
-            presence = spawn("device:presence", self._presence_loop)
-            self.ready.set()
+            subscribed: list[str] = []
+            presence: asyncio.Task[None] | None = None
             try:
+                await self.bus.subscribe(inbox, self._on_inbox,
+                                         max_payload=max_size_of(*INBOX_KINDS))
+                subscribed.append(inbox)
+                await self.bus.subscribe(replies, self._on_reply,
+                                         max_payload=max_size_of("state_result"))
+                subscribed.append(replies)
+                presence = spawn("device:presence", self._presence_loop)
+                self.ready.set()
                 await self._stopping.wait()
-            finally:
-                presence.cancel()
-                await asyncio.gather(presence, return_exceptions=True)
-                for topic in (inbox, replies):
-                    await self.bus.unsubscribe(topic)
+            finally:  # a supervisor may run us again: leave nothing subscribed
+                if presence is not None:
+                    presence.cancel()
+                    await asyncio.gather(presence, return_exceptions=True)
+                for topic in subscribed:
+                    with contextlib.suppress(CipherTwinError):
+                        await self.bus.unsubscribe(topic)
                 async with self._lock:  # let a change being applied finish
-                    with contextlib.suppress(CipherTwinError):  # going offline: say so
-                        await self._presence(False, self.clock(), None, timeout=2.0)
+                    if presence is not None:
+                        with contextlib.suppress(CipherTwinError):  # going offline: say so
+                            await self._presence(False, self.clock(), None, timeout=2.0)
 
     def stop(self) -> None:
         self._stopping.set()
