@@ -443,10 +443,16 @@ async def test_silent_refusal_and_simulator_refusal_of_a_request(
         await r.send_request(raw)
         ans = await r.answer(1, reply, rid)
         assert not ans.ok and "room_c leaves the safe envelope" in ans.reason
+        # "desired" is no request operation: it would bypass versions and reports
+        raw, reply, rid = r.request("desired", {"target_c": 22.0}, permit=permit)
+        await r.send_request(raw)
+        ans = await r.answer(2, reply, rid)
+        assert not ans.ok and "desired state" in ans.reason
         await asyncio.sleep(0.3)
-        assert len(r.got["answers"]) == 1 and r.handler.calls == []
-        silent, unsafe = await r.decisions(2)
+        assert len(r.got["answers"]) == 2 and r.handler.calls == []
+        silent, unsafe, reserved = await r.decisions(3)
         assert silent["silent"] and silent["rule"] == "quiet" and unsafe["code"] == "unsafe"
+        assert reserved["code"] == "reserved"
 
 
 # --- outgoing manipulation, garbage, presence ------------------------------------------------

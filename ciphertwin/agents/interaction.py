@@ -311,7 +311,11 @@ class DeviceInteraction:
         change = Change(self.config.twin, principal, b.op, b.args, is_owner=is_owner,
                         ref=req.request_id, request_id=req.request_id, approvals=b.approvals,
                         attachment=b.attachment)
-        decision = await self._judge(change, revoked)
+        if b.op == DESIRED_OP:  # desired state has its own path: versions, reports
+            decision = self._refusal(change, "reserved",
+                                     f"operation {DESIRED_OP!r} is set through desired state")
+        else:
+            decision = await self._judge(change, revoked)
         before = self._current_state()
         self._result = None
         if decision.allowed:
