@@ -192,7 +192,7 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 
 @contextlib.asynccontextmanager
 async def rig(tmp_path: Path, broker_kind: str, *, gatekeeper: Gatekeeper | None = None,
-              wake: WakeSchedule | None = None) -> AsyncIterator[Rig]:
+              wake: WakeSchedule | None = None, handler: Any = None) -> AsyncIterator[Rig]:
     prefix = f"ct-inter-{secrets.token_hex(3)}/v1"
     broker: EmbeddedBroker | None = None
     if broker_kind == "mosquitto":
@@ -227,13 +227,13 @@ async def rig(tmp_path: Path, broker_kind: str, *, gatekeeper: Gatekeeper | None
                 manip = gk.manipulator
                 agent = DeviceAgent(config, dev_bus, outbox,
                                     outgoing=manip.outgoing if manip.rewrites_outgoing else None)
-                handler = CountingThermostat()
-                inter = DeviceInteraction(agent, handler, gk, wake_schedule=wake)
+                counting = CountingThermostat()
+                inter = DeviceInteraction(agent, handler or counting, gk, wake_schedule=wake)
                 tasks = [asyncio.create_task(agent.run()), asyncio.create_task(inter.run())]
                 await asyncio.wait_for(inter.ready.wait(), 10)
                 r = Rig(tmp_path, port, prefix, alice, SigningKey.generate(),
                         rekey(alice.pre, f'"twin:{TWIN}"', bundle.device_pre.public),
-                        device_keys, cloud, agent, inter, handler, got)
+                        device_keys, cloud, agent, inter, counting, got)
                 try:
                     yield r
                 finally:
@@ -532,6 +532,50 @@ async def test_always_awake_presence_renewed(tmp_path: Path, broker_kind: str) -
         assert all(e["awake"] and e.get("next_wake") is None for e in envs)
     last = decode(r.got["presence"][-1], "presence")
     assert not last["awake"]  # said goodbye on stop
+
+
+async def test_plain_callable_handler_and_its_failures(tmp_path: Path,
+                                                      broker_kind: str) -> None:
+    """A handler that is only a function (async here): the applied document is the reported
+    state; its exceptions become refusals with the exception's type, never a crash, and the
+    log names where it failed without the arguments."""
+    seen: list[tuple[str, dict]] = []
+
+    async def handler(op: str, args: dict[str, Any]) -> Any:
+        seen.append((op, args))
+        if op == "divide":
+            return args["a"] / args["b"]
+        return None  # for "desired": the document itself is then the reported state
+
+    async with rig(tmp_path, broker_kind, gatekeeper=Gatekeeper.permissive(),
+                   handler=handler) as r:
+        await r.send_desired(r.desired({"lamp": {"on": True, "level": 3}}, 0))
+        rep = await r.report(1)
+        assert rep.state == {"lamp": {"on": True, "level": 3}} and rep.in_sync
+        permit = r.permit()
+        raw, reply, rid = r.request("divide", {"a": 1, "b": 4}, permit=permit)
+        await r.send_request(raw)
+        assert (await r.answer(1, reply, rid)).result == 0.25
+        with capture_logs() as logs:
+            raw, reply, rid = r.request("divide", {"a": 1, "b": 0}, permit=permit)
+            await r.send_request(raw)
+            ans = await r.answer(2, reply, rid)
+        assert not ans.ok and ans.reason == "handler failed (ZeroDivisionError)"
+        failed = next(e for e in logs if e["event"] == "device.handler_failed")
+        assert "ZeroDivisionError at test_device_interaction.py" in failed["error"]
+        assert "exc_info" not in failed and "'b': 0" not in str(failed)
+        raw, reply, rid = r.request("blob", {}, permit=permit)  # result is no JSON value
+        seen_before = len(seen)
+
+        async def bytes_result(op: str, args: dict[str, Any]) -> Any:
+            seen.append((op, args))
+            return b"\x00raw"
+
+        r.inter.handler = bytes_result
+        await r.send_request(raw)
+        ans = await r.answer(3, reply, rid)
+        assert not ans.ok and "cannot be sent" in ans.reason and len(seen) == seen_before + 1
+        assert len(r.got["reported"]) == 1  # no state() and requests: nothing more to report
 
 
 @pytest.mark.parametrize("bad_doc", [{"k" * 65: 1}, {"a": "x" * 17000}])

@@ -37,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -75,6 +76,16 @@ LAST_DESIRED_DOC = "desired_doc"
 REVOKED_KEEP_S = 400 * 86400
 """A revoked token is remembered longer than any token is valid (one year by default)."""
 PUBLISH_TIMEOUT_S = 30.0
+
+
+def _where(exc: BaseException) -> str:
+    """Where an unexpected error was raised (file:line), for the log. Not the traceback with
+    its locals: those hold plaintext (documents, arguments)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    return f"{type(exc).__name__} at {Path(last.filename).name}:{last.lineno} in {last.name}"
 
 
 def _short(text: str) -> str:
@@ -157,7 +168,7 @@ class DeviceInteraction:
         except Exception as exc:  # noqa: BLE001 - a bug must not end the subscription
             self.refused += 1
             log.error("device.inbox_failed", device=self.config.device, kind=kind,
-                      error=type(exc).__name__, exc_info=True)
+                      error=_where(exc))
 
     async def _on_reply(self, topic: str, payload: bytes, retain: bool) -> None:
         """The cloud's verdict on our reports: refusals are worth a log line."""
@@ -239,7 +250,7 @@ class DeviceInteraction:
             return replace(decision, allowed=False, rule="handler", code="failed",
                            reason=_short(str(exc)))
         except Exception as exc:  # noqa: BLE001 - the actuator's bug is a refusal, not a crash
-            log.error("device.handler_failed", op=op, error=type(exc).__name__, exc_info=True)
+            log.error("device.handler_failed", op=op, error=_where(exc))
             return replace(decision, allowed=False, rule="handler", code="failed",
                            reason=f"handler failed ({type(exc).__name__})")
         state = handler_state(self.handler)
