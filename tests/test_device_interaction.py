@@ -184,13 +184,23 @@ class Rig:
         return [r["values"] for r in await self.owner_readings("decision", n)]
 
 
+@pytest.fixture(params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """Every test runs on the embedded broker and on Mosquitto (when it runs)."""
+    return request.param
+
+
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path, *, gatekeeper: Gatekeeper | None = None,
-              wake: WakeSchedule | None = None) -> AsyncIterator[Rig]:
-    port = free_port()
+async def rig(tmp_path: Path, broker_kind: str, *, gatekeeper: Gatekeeper | None = None,
+              wake: WakeSchedule | None = None, handler: Any = None) -> AsyncIterator[Rig]:
     prefix = f"ct-inter-{secrets.token_hex(3)}/v1"
-    broker = EmbeddedBroker(port=port)
-    await broker.start()
+    broker: EmbeddedBroker | None = None
+    if broker_kind == "mosquitto":
+        port = 1883
+    else:
+        port = free_port()
+        broker = EmbeddedBroker(port=port)
+        await broker.start()
 
     def bus(name: str) -> BusClient:
         return BusClient("127.0.0.1", port, client_id=f"{name}-{secrets.token_hex(3)}",
@@ -217,13 +227,13 @@ async def rig(tmp_path: Path, *, gatekeeper: Gatekeeper | None = None,
                 manip = gk.manipulator
                 agent = DeviceAgent(config, dev_bus, outbox,
                                     outgoing=manip.outgoing if manip.rewrites_outgoing else None)
-                handler = CountingThermostat()
-                inter = DeviceInteraction(agent, handler, gk, wake_schedule=wake)
+                counting = CountingThermostat()
+                inter = DeviceInteraction(agent, handler or counting, gk, wake_schedule=wake)
                 tasks = [asyncio.create_task(agent.run()), asyncio.create_task(inter.run())]
                 await asyncio.wait_for(inter.ready.wait(), 10)
                 r = Rig(tmp_path, port, prefix, alice, SigningKey.generate(),
                         rekey(alice.pre, f'"twin:{TWIN}"', bundle.device_pre.public),
-                        device_keys, cloud, agent, inter, handler, got)
+                        device_keys, cloud, agent, inter, counting, got)
                 try:
                     yield r
                 finally:
@@ -231,7 +241,8 @@ async def rig(tmp_path: Path, *, gatekeeper: Gatekeeper | None = None,
                     agent.stop()
                     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
     finally:
-        await broker.stop()
+        if broker is not None:
+            await broker.stop()
 
 
 async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
@@ -243,8 +254,9 @@ async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "")
 
 # --- P4: desired -> applied -> reported -----------------------------------------------------
 
-async def test_desired_applied_reported_and_replays_refused(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_desired_applied_reported_and_replays_refused(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         v1 = r.desired({"target_c": 22.0}, 0)
         await r.send_desired(v1)
         rep = await r.report(1)
@@ -271,8 +283,8 @@ async def test_desired_applied_reported_and_replays_refused(tmp_path: Path) -> N
             ("allow", "desired:1", "alice"), ("allow", "desired:2", "alice")]
 
 
-async def test_forged_and_unauthorised_writers_refused(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_forged_and_unauthorised_writers_refused(tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         mallory = SigningKey.generate()
         bad = [
             r.desired({"target_c": 24.0}, 0, signer=mallory),  # claims to be the owner
@@ -297,8 +309,9 @@ async def test_forged_and_unauthorised_writers_refused(tmp_path: Path) -> None:
         assert (await r.decisions(1))[0]["principal"] == "bob"
 
 
-async def test_clamp_and_simulator_refusal_reported_out_of_sync(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_clamp_and_simulator_refusal_reported_out_of_sync(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         await r.send_desired(r.desired({"target_c": 30.0}, 0))
         rep = await r.report(1)
         assert rep.state["target_c"] == 25.0 and not rep.in_sync  # clamped: desired != reported
@@ -315,8 +328,9 @@ async def test_clamp_and_simulator_refusal_reported_out_of_sync(tmp_path: Path) 
 
 # --- P5: requests and answers ---------------------------------------------------------------
 
-async def test_request_answered_and_replay_answered_from_cache(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_request_answered_and_replay_answered_from_cache(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         permit = r.permit()
         raw, reply, rid = r.request("set_target", {"target_c": 23.5}, permit=permit)
         await r.send_request(raw)
@@ -337,8 +351,9 @@ async def test_request_answered_and_replay_answered_from_cache(tmp_path: Path) -
         assert len(r.got["reported"]) == 1
 
 
-async def test_request_replay_after_restart_not_reexecuted(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_request_replay_after_restart_not_reexecuted(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         raw, reply, rid = r.request("set_target", {"target_c": 22.5}, permit=r.permit())
         await r.send_request(raw)
         first = await r.answer(1, reply, rid)
@@ -364,8 +379,8 @@ async def test_request_replay_after_restart_not_reexecuted(tmp_path: Path) -> No
             await asyncio.wait_for(task, 10)
 
 
-async def test_revoked_requester_refused_at_the_device(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_revoked_requester_refused_at_the_device(tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         permit = r.permit()
         with capture_logs() as logs:
             await r.revoke(permit, signer=SigningKey.generate())  # forged: not the owner's
@@ -388,8 +403,8 @@ async def test_revoked_requester_refused_at_the_device(tmp_path: Path) -> None:
         assert len(refused) == 2
 
 
-async def test_m_of_n_approvals_and_image_signature(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_m_of_n_approvals_and_image_signature(tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         permit = r.permit()
         image = os.urandom(4096)
 
@@ -418,8 +433,9 @@ async def test_m_of_n_approvals_and_image_signature(tmp_path: Path) -> None:
         assert r.handler.calls == ["firmware_update"] and r.handler.state()["firmware"] == "2.0"
 
 
-async def test_silent_refusal_and_simulator_refusal_of_a_request(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_silent_refusal_and_simulator_refusal_of_a_request(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         permit = r.permit()
         raw, _, _ = r.request("reboot", {}, permit=permit)
         await r.send_request(raw)  # silent: no answer
@@ -427,16 +443,23 @@ async def test_silent_refusal_and_simulator_refusal_of_a_request(tmp_path: Path)
         await r.send_request(raw)
         ans = await r.answer(1, reply, rid)
         assert not ans.ok and "room_c leaves the safe envelope" in ans.reason
+        # "desired" is no request operation: it would bypass versions and reports
+        raw, reply, rid = r.request("desired", {"target_c": 22.0}, permit=permit)
+        await r.send_request(raw)
+        ans = await r.answer(2, reply, rid)
+        assert not ans.ok and "desired state" in ans.reason
         await asyncio.sleep(0.3)
-        assert len(r.got["answers"]) == 1 and r.handler.calls == []
-        silent, unsafe = await r.decisions(2)
+        assert len(r.got["answers"]) == 2 and r.handler.calls == []
+        silent, unsafe, reserved = await r.decisions(3)
         assert silent["silent"] and silent["rule"] == "quiet" and unsafe["code"] == "unsafe"
+        assert reserved["code"] == "reserved"
 
 
 # --- outgoing manipulation, garbage, presence ------------------------------------------------
 
-async def test_redaction_and_coarsening_visible_in_what_the_owner_reads(tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+async def test_redaction_and_coarsening_visible_in_what_the_owner_reads(
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         await r.agent.record(Reading("location", {"lat": 48.20821, "lon": 16.37383,
                                                   "owner_name": "Ann", "speed": 1.5}))
         await r.agent.record(Reading("temperature", {"c": 21.5, "owner_name": "Ann"}))
@@ -448,8 +471,8 @@ async def test_redaction_and_coarsening_visible_in_what_the_owner_reads(tmp_path
 
 
 async def test_garbage_on_the_inbox_is_refused_and_the_device_carries_on(
-        tmp_path: Path) -> None:
-    async with rig(tmp_path) as r:
+        tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind) as r:
         inbox = r.cloud.topics.inbox(DEVICE)
         good = r.desired({"target_c": 22.0}, 0)
         env = decode(good, "desired_set")
@@ -477,13 +500,16 @@ async def test_garbage_on_the_inbox_is_refused_and_the_device_carries_on(
         assert (await r.report(1)).in_sync
 
 
-async def test_presence_and_wake_schedule(tmp_path: Path) -> None:
-    async with rig(tmp_path, wake=WakeSchedule(window_s=1.0, sleep_s=60.0)) as r:
+async def test_presence_and_wake_schedule(tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind, wake=WakeSchedule(window_s=1.0, sleep_s=60.0)) as r:
         first = decode((await r.wait("presence", 1))[0], "presence")
         verify_presence(first, r.owner.signing.verify_key, now=time.time())
         assert first["awake"] and first["until"] <= time.time() + 1.5
-        await until(lambda: not r.inter.awake, 5, "asleep after the window")
-        asleep = decode(r.got["presence"][-1], "presence")
+        def last_presence() -> dict:
+            return decode(r.got["presence"][-1], "presence").body
+
+        await until(lambda: not last_presence()["awake"], 5, "asleep after the window")
+        asleep = last_presence()
         assert not asleep["awake"] and asleep["next_wake"] > time.time() + 50
         n = len(r.got["presence"])
         await r.relay("inbox_wake", {"twin": TWIN, "time": time.time()})
@@ -492,20 +518,64 @@ async def test_presence_and_wake_schedule(tmp_path: Path) -> None:
         assert decode(r.got["presence"][n], "presence")["awake"]
         # the device's own wake cap holds whatever the cloud sends
         r.inter.wake = WakeSchedule(window_s=1.0, sleep_s=60.0, max_wakes_per_hour=1)
-        await until(lambda: not r.inter.awake, 5, "asleep again")
+        await until(lambda: not last_presence()["awake"], 5, "asleep again")
         with capture_logs() as logs:
             await r.relay("inbox_wake", {"twin": TWIN, "time": time.time()})
             await until(lambda: any(e["event"] == "device.inbox_refused" for e in logs), 5)
         assert not r.inter.awake
 
 
-async def test_always_awake_presence_renewed(tmp_path: Path) -> None:
-    async with rig(tmp_path, wake=WakeSchedule(window_s=1.0)) as r:
+async def test_always_awake_presence_renewed(tmp_path: Path, broker_kind: str) -> None:
+    async with rig(tmp_path, broker_kind, wake=WakeSchedule(window_s=1.0)) as r:
         await r.wait("presence", 3, timeout=5)
         envs = [decode(p, "presence") for p in r.got["presence"][:3]]
         assert all(e["awake"] and e.get("next_wake") is None for e in envs)
     last = decode(r.got["presence"][-1], "presence")
     assert not last["awake"]  # said goodbye on stop
+
+
+async def test_plain_callable_handler_and_its_failures(tmp_path: Path,
+                                                      broker_kind: str) -> None:
+    """A handler that is only a function (async here): the applied document is the reported
+    state; its exceptions become refusals with the exception's type, never a crash, and the
+    log names where it failed without the arguments."""
+    seen: list[tuple[str, dict]] = []
+
+    async def handler(op: str, args: dict[str, Any]) -> Any:
+        seen.append((op, args))
+        if op == "divide":
+            return args["a"] / args["b"]
+        return None  # for "desired": the document itself is then the reported state
+
+    async with rig(tmp_path, broker_kind, gatekeeper=Gatekeeper.permissive(),
+                   handler=handler) as r:
+        await r.send_desired(r.desired({"lamp": {"on": True, "level": 3}}, 0))
+        rep = await r.report(1)
+        assert rep.state == {"lamp": {"on": True, "level": 3}} and rep.in_sync
+        permit = r.permit()
+        raw, reply, rid = r.request("divide", {"a": 1, "b": 4}, permit=permit)
+        await r.send_request(raw)
+        assert (await r.answer(1, reply, rid)).result == 0.25
+        with capture_logs() as logs:
+            raw, reply, rid = r.request("divide", {"a": 1, "b": 0}, permit=permit)
+            await r.send_request(raw)
+            ans = await r.answer(2, reply, rid)
+        assert not ans.ok and ans.reason == "handler failed (ZeroDivisionError)"
+        failed = next(e for e in logs if e["event"] == "device.handler_failed")
+        assert "ZeroDivisionError at test_device_interaction.py" in failed["error"]
+        assert "exc_info" not in failed and "'b': 0" not in str(failed)
+        raw, reply, rid = r.request("blob", {}, permit=permit)  # result is no JSON value
+        seen_before = len(seen)
+
+        async def bytes_result(op: str, args: dict[str, Any]) -> Any:
+            seen.append((op, args))
+            return b"\x00raw"
+
+        r.inter.handler = bytes_result
+        await r.send_request(raw)
+        ans = await r.answer(3, reply, rid)
+        assert not ans.ok and "cannot be sent" in ans.reason and len(seen) == seen_before + 1
+        assert len(r.got["reported"]) == 1  # no state() and requests: nothing more to report
 
 
 @pytest.mark.parametrize("bad_doc", [{"k" * 65: 1}, {"a": "x" * 17000}])

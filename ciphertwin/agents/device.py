@@ -55,11 +55,12 @@ class DeviceAgent:
     def __init__(self, config: DeviceConfig, bus: BusClient, outbox: Outbox, *,
                  expand: Expand = _as_is, window: int = 256, resend_after: float = 5.0,
                  resend_after_reconnect: float = 1.0, outgoing: Outgoing | None = None) -> None:
-        """``outgoing`` rewrites every reading before attributes are derived and it is
-        sealed (nothing it drops ever leaves the device); ``resend_after``: seconds an unacknowledged item waits before it is sent again;
+        """``resend_after``: seconds an unacknowledged item waits before it is sent again;
         ``resend_after_reconnect``: the same, shorter, from a reconnect of the bus until the
         first acknowledgement — the items sent right after a broker restart often reach it
-        before the cloud has subscribed again, and the broker drops them."""
+        before the cloud has subscribed again, and the broker drops them. ``outgoing``
+        rewrites every reading before its attributes are derived and it is sealed: what it
+        drops never leaves the device."""
         self.config, self.bus, self.outbox = config, bus, outbox
         self.creds = DeviceCredentials(config.twin, config.device, config.identity.signing,
                                        config.write_token.to_bytes())

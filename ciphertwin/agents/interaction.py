@@ -37,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -77,6 +78,16 @@ REVOKED_KEEP_S = 400 * 86400
 PUBLISH_TIMEOUT_S = 30.0
 
 
+def _where(exc: BaseException) -> str:
+    """Where an unexpected error was raised (file:line), for the log. Not the traceback with
+    its locals: those hold plaintext (documents, arguments)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    return f"{type(exc).__name__} at {Path(last.filename).name}:{last.lineno} in {last.name}"
+
+
 def _short(text: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
 
@@ -114,21 +125,29 @@ class DeviceInteraction:
                                                                principal=self.config.device)
         async with self.store:
             self._revoked = await self.store.revoked()
-            await self.bus.subscribe(inbox, self._on_inbox, max_payload=max_size_of(*INBOX_KINDS))
-            await self.bus.subscribe(replies, self._on_reply,
-                                     max_payload=max_size_of("state_result"))
-            presence = spawn("device:presence", self._presence_loop)
-            self.ready.set()
+            subscribed: list[str] = []
+            presence: asyncio.Task[None] | None = None
             try:
+                await self.bus.subscribe(inbox, self._on_inbox,
+                                         max_payload=max_size_of(*INBOX_KINDS))
+                subscribed.append(inbox)
+                await self.bus.subscribe(replies, self._on_reply,
+                                         max_payload=max_size_of("state_result"))
+                subscribed.append(replies)
+                presence = spawn("device:presence", self._presence_loop)
+                self.ready.set()
                 await self._stopping.wait()
-            finally:
-                presence.cancel()
-                await asyncio.gather(presence, return_exceptions=True)
-                for topic in (inbox, replies):
-                    await self.bus.unsubscribe(topic)
+            finally:  # a supervisor may run us again: leave nothing subscribed
+                if presence is not None:
+                    presence.cancel()
+                    await asyncio.gather(presence, return_exceptions=True)
+                for topic in subscribed:
+                    with contextlib.suppress(CipherTwinError):
+                        await self.bus.unsubscribe(topic)
                 async with self._lock:  # let a change being applied finish
-                    with contextlib.suppress(CipherTwinError):  # going offline: say so
-                        await self._presence(False, self.clock(), None, timeout=2.0)
+                    if presence is not None:
+                        with contextlib.suppress(CipherTwinError):  # going offline: say so
+                            await self._presence(False, self.clock(), None, timeout=2.0)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -149,7 +168,7 @@ class DeviceInteraction:
         except Exception as exc:  # noqa: BLE001 - a bug must not end the subscription
             self.refused += 1
             log.error("device.inbox_failed", device=self.config.device, kind=kind,
-                      error=type(exc).__name__, exc_info=True)
+                      error=_where(exc))
 
     async def _on_reply(self, topic: str, payload: bytes, retain: bool) -> None:
         """The cloud's verdict on our reports: refusals are worth a log line."""
@@ -231,7 +250,7 @@ class DeviceInteraction:
             return replace(decision, allowed=False, rule="handler", code="failed",
                            reason=_short(str(exc)))
         except Exception as exc:  # noqa: BLE001 - the actuator's bug is a refusal, not a crash
-            log.error("device.handler_failed", op=op, error=type(exc).__name__, exc_info=True)
+            log.error("device.handler_failed", op=op, error=_where(exc))
             return replace(decision, allowed=False, rule="handler", code="failed",
                            reason=f"handler failed ({type(exc).__name__})")
         state = handler_state(self.handler)
@@ -303,7 +322,11 @@ class DeviceInteraction:
         change = Change(self.config.twin, principal, b.op, b.args, is_owner=is_owner,
                         ref=req.request_id, request_id=req.request_id, approvals=b.approvals,
                         attachment=b.attachment)
-        decision = await self._judge(change, revoked)
+        if b.op == DESIRED_OP:  # desired state has its own path: versions, reports
+            decision = self._refusal(change, "reserved",
+                                     f"operation {DESIRED_OP!r} is set through desired state")
+        else:
+            decision = await self._judge(change, revoked)
         before = self._current_state()
         self._result = None
         if decision.allowed:
