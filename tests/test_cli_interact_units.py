@@ -66,7 +66,8 @@ def test_device_book_keeps_public_keys_of_enrolled_devices(tmp_path: Path) -> No
     path = tmp_path / DEVICE_BOOK_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     book = DeviceBook(path)  # what the next `ciphertwin owner …` reads
-    assert [d.device for d in book.devices_of(["home"])] == ["thermo", "valve"]
+    assert [(d.device, d.twin) for d in book.devices_of(["home"])] == [("thermo", "home"),
+                                                                      ("valve", "home")]
     assert book.twins() == {"home", "car"}
     assert book.devices_of(["home"]) == owner.devices.devices_of(["home"])
     text = path.read_text()

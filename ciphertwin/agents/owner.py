@@ -88,7 +88,7 @@ class DeviceBook:
     def devices_of(self, twins: Iterable[str]) -> list[DeviceKeys]:
         """The devices of ``twins``, as an interact token lists them."""
         wanted = set(twins)
-        return [DeviceKeys(device, pre, vk) for device, (twin, pre, vk)
+        return [DeviceKeys(device, pre, vk, twin) for device, (twin, pre, vk)
                 in sorted(self._rows.items()) if twin in wanted]
 
 

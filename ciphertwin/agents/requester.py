@@ -220,10 +220,11 @@ class Requester:
         Raises :class:`InteractionTimeout` if that takes longer than ``timeout``.
         """
         self._check_allowed(twin, "request", op)
-        if not self.devices:
+        devices = [d for d in self.devices if d.serves(twin)]
+        if not devices:
             raise ValidationError(f"no device keys for twin {twin!r}: the request could be "
                                   "read by nobody but the owner")
-        recipients = [Recipient(d.device, PrePublicKey.from_bytes(d.pre_pk)) for d in self.devices]
+        recipients = [Recipient(d.device, PrePublicKey.from_bytes(d.pre_pk)) for d in devices]
         payload, reply_key, request_id = build_request(
             self.identity.signing, twin, self.name, self.owner_pre_pk, op, dict(args),
             permit=self.token.to_bytes() if self.token else None, devices=recipients,
@@ -259,7 +260,8 @@ class Requester:
                 seen.append(state)
                 answer = None
                 if state == "answered":
-                    answer = self._open_answer(status.get("answer"), reply_key, request_id)
+                    answer = self._open_answer(status.get("answer"), reply_key, request_id,
+                                               twin, devices)
                     if answer is None:
                         seen.pop()  # not a genuine answer: keep waiting for one
                         continue
@@ -269,16 +271,16 @@ class Requester:
         finally:
             await self.bus.unsubscribe(reply_topic)
 
-    def _open_answer(self, answer: bytes | None, reply_key: Any, request_id: str
-                     ) -> AnswerBody | None:
-        """The device's answer, checked against the owner's key and the known devices
+    def _open_answer(self, answer: bytes | None, reply_key: Any, request_id: str, twin: str,
+                     devices: Sequence[DeviceKeys]) -> AnswerBody | None:
+        """The device's answer, checked against the owner's key and the twin's devices
         (None — logged — if it is missing, forged or not for this request)."""
         if answer is None:
             log.warning("requester.answer_missing", request_id=request_id)
             return None
         try:
             env = decode(answer, "answer")
-            return open_answer(env, reply_key, self.owner_verify, request_id, self.devices)
+            return open_answer(env, reply_key, self.owner_verify, request_id, devices, twin=twin)
         except CipherTwinError as exc:
             log.warning("requester.answer_refused", request_id=request_id,
                         reason=f"{type(exc).__name__}: {exc}")
