@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -101,6 +102,7 @@ async def _request_rounds(bob: Requester, rounds: int) -> list[float]:
 
 
 async def main(rounds: int, warmup: int, external: tuple[str, int] | None) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ciphertwin-bench-interact-") as tmp:
         sandbox = Sandbox(Path(tmp), external)
         for name, role in (("cloud", "cloud"), ("alice", "owner"), ("bob", "receiver")):
@@ -136,6 +138,8 @@ async def main(rounds: int, warmup: int, external: tuple[str, int] | None) -> di
         "desired_to_reported_visible": _stats(desired),
         "request_round_trip": _stats(request),
         "targets_ms": {"must": MUST_MS, "aim": AIM_MS},
+        "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "cpus": os.cpu_count(),
     }
 
 
@@ -155,8 +159,10 @@ if __name__ == "__main__":
     if args.json:
         print(json.dumps(figures))
     else:
+        load = figures["load_average_1min"]
         print(f"interaction latency, device online, {figures['broker']}, "
-              f"{args.rounds} rounds after {args.warmup} warm-up")
+              f"{args.rounds} rounds after {args.warmup} warm-up; load average {load[0]} -> "
+              f"{load[1]} on {figures['cpus']} CPUs (figures grow with it)")
         print(f"{'what':<44}{'median':>9}{'p90':>9}{'max':>9}   issue 11 target")
         for key, label in (("desired_to_reported_visible",
                             "desired -> applied -> reported visible"),
