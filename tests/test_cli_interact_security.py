@@ -20,7 +20,9 @@ import pytest
 from ciphertwin.agents.identity import Identity
 from ciphertwin.agents.owner import OwnerAgent
 from ciphertwin.agents.reader import StateChange, TwinReader
-from ciphertwin.agents.requester import InteractionTimeout, Requester, StaleVersion
+from ciphertwin.agents.requester import (
+    InteractionRefused, InteractionTimeout, Requester, StaleVersion,
+)
 from ciphertwin.broker.embedded import EmbeddedBroker, free_port
 from ciphertwin.bus.client import BusClient
 from ciphertwin.bus.envelope import decode, encode
@@ -81,7 +83,7 @@ def _forged_creds(s: Stage) -> DeviceCredentials:
     mallory = SigningKey.generate()
     token = issue_write_token(SigningKey.generate(), TWIN, mallory.verify_key,
                               [f"twin:{TWIN}", f"device:{DEVICE}"], device=DEVICE,
-                                  valid_for_s=3600)
+                              valid_for_s=3600)
     return DeviceCredentials(TWIN, DEVICE, mallory, token.to_bytes())
 
 
@@ -159,7 +161,7 @@ async def test_get_state_does_not_take_the_clouds_word_for_a_document(stage: Sta
     assert state.desired is None and state.reported is not None  # the forgery is left out
     assert state.reported.state == {"target_c": 21} and owner.reader.unreadable == 1
     # a merge needs the current document: refused rather than merged into a forgery
-    with pytest.raises(Exception, match="may not read it"):
+    with pytest.raises(InteractionRefused, match="may not read it"):
         await owner.set_desired(TWIN, {"mode": "auto"}, merge=True)
 
 
