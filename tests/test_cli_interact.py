@@ -138,7 +138,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             broker = w.start("broker")
             wait_for_port(port, broker)
             w.started(w.start("cloud", "--workers", "1"), "cloud twin running")
-            for argv in (["owner", "init", "--name", "alice"], ["receiver", "init", "--name", "bob"]):
+            for argv in (["owner", "init", "--name", "alice"],
+                         ["receiver", "init", "--name", "bob"]):
                 assert main(["--log-level", "ERROR", *argv]) == 0
             time.sleep(0.6)  # the broker rereads the credentials file at most every 0.5 s
             assert main(["--log-level", "ERROR", "owner", "register", "--name", "alice"]) == 0

@@ -1,6 +1,7 @@
 """CLI for twin state and interaction (P4, P5).
 
-    ciphertwin owner set-desired --name alice --twin T (--doc JSON | --merge JSON) [--base-version N]
+    ciphertwin owner set-desired --name alice --twin T (--doc JSON | --merge JSON) \
+        [--base-version N]
     ciphertwin owner get-state --name alice --twin T [--json]
     ciphertwin owner grant-interact --name alice --to bob --holder-key bob/public.key --twin T \\
         --rights request,desired [--ops a,b] [--days 30] --out bob.interact-token
