@@ -51,7 +51,7 @@ operations = ["*"]
 [[gatekeeper.access.rule]]
 name = "bob"
 principals = ["bob"]
-operations = ["set_target", "get_state"]
+operations = ["set_target", "get_state", "desired"]
 
 [gatekeeper.manipulator]
 clamp = { target_c = [15.0, 25.0] }
@@ -235,7 +235,7 @@ def test_grant_request_in_separate_processes_then_revoke(
     token_file = world.home("bob") / "interact.token"
     code, out, err = _run(capsys, "owner", "grant-interact", "--name", "alice", "--to", "bob",
                           "--holder-key", str(world.home("bob") / "public.key"),
-                          "--twin", TWIN, "--rights", "request",
+                          "--twin", TWIN, "--rights", "request,desired",
                           "--ops", "set_target,get_state", "--out", str(token_file))
     assert code == 0, err
     token_id = out.strip()
@@ -250,6 +250,16 @@ def test_grant_request_in_separate_processes_then_revoke(
     assert outcome["state"] == "answered" and outcome["answer"]["ok"] is True
     assert outcome["answer"]["device"] == DEVICE
     assert outcome["answer"]["result"]["target_c"] == 22
+
+    # desired state through the token's "desired" right: the device checks bob's permit
+    code, out, err = _run(capsys, "request", "set-desired", "--name", "bob", "--owner-key",
+                          owner_key, "--twin", TWIN, "--doc", '{"target_c": 19.5}')
+    assert code == 0, err
+    version = int(out.split("version ")[1])
+    state = _until_state(capsys, lambda s: s["reported"] is not None
+                         and s["reported"]["desired_version"] == version)
+    assert state["desired"]["writer"] == "bob" and state["in_sync"] is True
+    assert state["reported"]["state"]["target_c"] == 19.5
 
     # what the token does not allow is refused before anything is sent
     code, _, err = _run(capsys, "request", "send", "--name", "bob", "--owner-key", owner_key,
