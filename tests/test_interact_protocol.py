@@ -685,3 +685,22 @@ def test_multi_twin_token_wraps_only_the_twins_devices(w: World) -> None:
                         "answer")
     with pytest.raises(ValidationError, match="does not list"):
         open_answer(wrong_twin, reply, w.owner.sig.verify_key, rid, token.devices, twin=w.twin)
+
+
+# --- property: any document within the limits survives sealing, re-encryption and opening ----
+
+from test_json_state import OBJECTS  # noqa: E402
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(OBJECTS, st.integers(0, 2**62))
+def test_any_document_round_trips_to_the_device(w: World, doc: dict, base: int) -> None:
+    env = decode(build_desired(w.owner.sig, w.twin, "alice", w.owner.pre.public, doc, base),
+                 "desired_set")
+    opened = open_desired(env, _via_grant(wrap_for(env, OWNER_RECIPIENT), w.device_rekey),
+                          w.device.pre, w.owner.sig.verify_key)
+    assert opened.version == base + 1
+    from ciphertwin.protocol.json_state import same_value
+
+    assert same_value(opened.doc, doc)
