@@ -242,3 +242,16 @@ async def test_the_store_holds_no_plaintext(cw: CloudWorld, tmp_path: Path) -> N
     for f in tmp_path.glob("cloud.db*"):
         assert marker.encode() not in f.read_bytes()
 
+
+
+async def test_store_failure_is_answered_not_dropped(cw: CloudWorld) -> None:
+    """The cloud's store goes away: writers and requesters are told, nobody waits for a
+    timeout, and the cloud keeps running."""
+    assert cw.cloud is not None
+    await cw.cloud.store.close()
+    res = await _set(cw, {"v": 1}, 0)
+    assert not res["ok"] and res["reason"] == "the cloud's store failed (try again later)"
+    res = await _report(cw, 1, 0, {"v": 1}, True)
+    assert not res["ok"] and "store failed" in res["reason"]
+    q = await _query(cw, "alice")
+    assert "store failed" in q["error"]
