@@ -46,6 +46,7 @@ from ciphertwin.cloud_twin.trust import Owner, Rejected
 from ciphertwin.crypto.errors import TokenRejected
 from ciphertwin.crypto.tokens import InteractToken, verify_interact_token
 from ciphertwin.errors import ValidationError
+from ciphertwin.protocol.sealed_docs import MAX_SKEW_S
 
 log = structlog.get_logger(__name__)
 
@@ -472,7 +473,8 @@ class InteractBook:
     async def install(self, owner: Owner, raw: bytes, now: float) -> InteractToken:
         """Install a token the owner signed (still valid, not revoked); returns it."""
         try:
-            token = verify_interact_token(self.parse(raw), owner.verify_key, now=now)
+            token = verify_interact_token(self.parse(raw), owner.verify_key, now=now,
+                                          leeway_s=MAX_SKEW_S)  # owner clock ahead
         except TokenRejected as exc:
             raise Rejected(f"interact token refused: {exc}") from None
         if token.token_id in self.revoked:

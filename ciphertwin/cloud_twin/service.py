@@ -70,6 +70,7 @@ log = structlog.get_logger(__name__)
 
 MAX_HISTORY_PAGE = 2000
 QUERY_KINDS = ("history_query", "state_query")
+STORE_FAILED = "the cloud's store failed (try again later)"
 
 
 def _reason(exc: BaseException) -> str:
@@ -495,9 +496,11 @@ class CloudTwin:
             writer = verify_desired_outer(env, owner.verify_key, now=time.time())
             self._check_author(env, writer, owner)
             outcome, summary = await self.state.accept_desired(owner, env, payload, writer)
-        except CipherTwinError as exc:
-            log.warning("cloud.desired_refused", twin=twin, writer=writer, reason=_reason(exc))
-            await self._state_result(writer, rid, False, _reason(exc),
+        except Exception as exc:  # noqa: BLE001 - refused, or the store failed: answered
+            reason = _reason(exc) if isinstance(exc, CipherTwinError) else STORE_FAILED
+            log.warning("cloud.desired_refused", twin=twin, writer=writer, reason=reason,
+                        error=None if isinstance(exc, CipherTwinError) else _reason(exc))
+            await self._state_result(writer, rid, False, reason,
                                      await self._summary_or_zero(twin))
             return
         reason = "ok" if outcome.accepted else \
@@ -517,9 +520,11 @@ class CloudTwin:
             verify_reported_outer(env, owner.verify_key, now=time.time())
             self._device_token(env)
             outcome, summary = await self.state.accept_reported(owner, env, payload)
-        except CipherTwinError as exc:
-            log.warning("cloud.reported_refused", twin=twin, device=device, reason=_reason(exc))
-            await self._state_result(device, rid, False, _reason(exc),
+        except Exception as exc:  # noqa: BLE001 - refused, or the store failed: answered
+            reason = _reason(exc) if isinstance(exc, CipherTwinError) else STORE_FAILED
+            log.warning("cloud.reported_refused", twin=twin, device=device, reason=reason,
+                        error=None if isinstance(exc, CipherTwinError) else _reason(exc))
+            await self._state_result(device, rid, False, reason,
                                      await self._summary_or_zero(twin))
             return
         reason = "ok" if outcome.accepted else (
@@ -565,8 +570,13 @@ class CloudTwin:
             return
         wraps = {w["to"]: w["wrap"] for w in env["wraps"]
                  if w["to"] != OWNER_RECIPIENT and self._device_of(twin, w["to"])}
-        await self.requests.submit(IncomingRequest(twin, requester, rid, float(env["deadline"]),
-                                                   bool(env["wake"]), payload, wraps))
+        try:
+            await self.requests.submit(IncomingRequest(
+                twin, requester, rid, float(env["deadline"]), bool(env["wake"]), payload, wraps))
+        except Exception as exc:  # noqa: BLE001 - the store failed: answered, not dropped
+            log.error("requests.submit_failed", twin=twin, requester=requester, request=rid,
+                      error=_reason(exc))
+            await self._request_status(requester, rid, Status(REFUSED, STORE_FAILED), None)
 
     async def _on_answer(self, topic: str, payload: bytes, retain: bool) -> None:
         try:
