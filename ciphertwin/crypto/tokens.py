@@ -453,37 +453,44 @@ _MAX_OPERATION_CHARS = 64
 
 @dataclass(frozen=True)
 class DeviceKeys:
-    """One device of a twin as its owner vouches for it: name, PRE public key (encoding) to
-    encrypt requests to, Ed25519 verify key to check its answers."""
+    """One device as its owner vouches for it: name, PRE public key (encoding) to encrypt
+    requests to, Ed25519 verify key to check its answers, and the twin it serves ("" = not
+    said: then it is taken to serve every twin of the token)."""
 
     device: str
     pre_pk: bytes
     verify_key: bytes
+    twin: str = ""
+
+    def serves(self, twin: str) -> bool:
+        return self.twin in ("", twin)
 
     def body(self) -> dict[str, Any]:
-        return {"device": self.device, "pre_pk": self.pre_pk, "verify_key": self.verify_key}
+        return {"device": self.device, "pre_pk": self.pre_pk, "verify_key": self.verify_key,
+                "twin": self.twin}
 
     @classmethod
     def from_body(cls, value: object) -> DeviceKeys:
-        if not isinstance(value, dict) or set(value) != {"device", "pre_pk", "verify_key"}:
-            raise ValidationError("interact-token.devices: entries are {device, pre_pk, verify_key}")
-        return _device_keys(value["device"], value["pre_pk"], value["verify_key"])
+        if not isinstance(value, dict) or set(value) != {"device", "pre_pk", "verify_key", "twin"}:
+            raise ValidationError(
+                "interact-token.devices: entries are {device, pre_pk, verify_key, twin}")
+        return _device_keys(value["device"], value["pre_pk"], value["verify_key"], value["twin"])
 
 
-def _device_keys(device: object, pre_pk: object, verify_key: object) -> DeviceKeys:
-    if not isinstance(device, str):
-        raise ValidationError("interact-token.devices: device name must be a string")
+def _device_keys(device: object, pre_pk: object, verify_key: object, twin: object) -> DeviceKeys:
+    if not isinstance(device, str) or not isinstance(twin, str):
+        raise ValidationError("interact-token.devices: device and twin names are strings")
     pk = wire.check_bytes(pre_pk, "interact-token.devices.pre_pk", max_len=_MAX_PRE_PK_BYTES)
     vk = VerifyKey(wire.check_bytes(verify_key, "interact-token.devices.verify_key", 32)).raw
-    return DeviceKeys(_twin(device), pk, vk)
+    return DeviceKeys(_twin(device), pk, vk, _twin(twin) if twin else "")
 
 
 def _clean_devices(devices: Iterable[DeviceKeys]) -> tuple[DeviceKeys, ...]:
     items = tuple(devices)
     if len(items) > MAX_TOKEN_DEVICES:
         raise ValidationError(f"an interact token lists at most {MAX_TOKEN_DEVICES} devices")
-    clean = tuple(sorted((_device_keys(d.device, d.pre_pk, d.verify_key) for d in items),
-                         key=lambda d: d.device))
+    clean = tuple(sorted((_device_keys(d.device, d.pre_pk, d.verify_key, d.twin)
+                          for d in items), key=lambda d: d.device))
     if len({d.device for d in clean}) != len(clean):
         raise ValidationError("an interact token lists each device once")
     return clean
@@ -550,6 +557,10 @@ class InteractToken:
     def device(self, name: str) -> DeviceKeys | None:
         """The listed device called ``name`` (None if the owner did not list it)."""
         return next((d for d in self.devices if d.device == name), None)
+
+    def devices_of(self, twin: str) -> tuple[DeviceKeys, ...]:
+        """The listed devices that serve ``twin`` (a request to it is wrapped for these)."""
+        return tuple(d for d in self.devices if d.serves(twin))
 
     def to_bytes(self) -> bytes:
         return wire.encode(self.TAG, {**self.body(), "sig": self.signature})

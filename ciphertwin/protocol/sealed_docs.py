@@ -38,6 +38,7 @@ from ciphertwin.crypto.kpcpre import (
     PreKeyPair,
     PrePublicKey,
     ReEncryptedCiphertext,
+    ReKey,
 )
 from ciphertwin.crypto.signing import SigningKey, VerifyKey
 from ciphertwin.crypto.tokens import InteractToken, WriteToken, verify_interact_token
@@ -54,6 +55,7 @@ __all__ = [
     "seal_document",
     "open_document",
     "unwrap",
+    "reencrypt_wrap",
     "sign_envelope",
     "verify_envelope",
     "wrap_for",
@@ -100,7 +102,14 @@ def doc_aad(kind: str, twin: str, author: str, meta: Mapping[str, Any]) -> bytes
 
 
 def doc_attributes(kind: str, twin: str) -> tuple[str, ...]:
-    """The wraps' attributes: ``twin:<T>`` and ``type:desired|reported|request``."""
+    """The wraps' attributes: ``twin:<T>`` and ``type:desired|reported``, so the owner's
+    grants (a device's ``twin:<T>``, a reader's) let the cloud re-encrypt them.
+
+    A request's are ``request:<T>`` alone: nobody needs a re-encryption of it (the devices
+    get direct wraps), and no ordinary grant policy (``twin:<T>``, ``type:...``) can then
+    admit it — not even by a cloud colluding with a reader who holds a broad grant."""
+    if kind == "request":
+        return (f"request:{twin}",)
     try:
         return (f"twin:{twin}", f"type:{DOC_TYPES[kind]}")
     except KeyError:
@@ -150,6 +159,13 @@ def unwrap(pre: PreKeyPair, wrap: bytes, kind: str, twin: str, author: str,
     if len(key) != KEY_BYTES:
         raise ValidationError("wrapped document key has the wrong length")
     return key
+
+
+def reencrypt_wrap(rk: ReKey, wrap: bytes) -> bytes:
+    """The cloud's one operation on a document: turn the owner's wrap (a PreCiphertext) into
+    one for the grant's receiver. Raises PolicyNotSatisfied if the grant's policy does not
+    admit the document's attributes (e.g. any request: its wrap says only ``request:<T>``)."""
+    return kpcpre.reencrypt(rk, PreCiphertext.from_bytes(wrap)).to_bytes()
 
 
 def open_document(kind: str, twin: str, author: str, meta: Mapping[str, Any], sealed: bytes,
@@ -240,12 +256,13 @@ def author_key_for(env: Envelope, author: str, owner_key: VerifyKey, *, right: s
     """(key that must have signed ``env``, its permit) for writer/requester ``author``.
 
     Without a permit only the owner's key will do; with one, the permit must be the owner's,
-    valid at ``now``, for ``author``, this twin and ``right`` — and its holder key signs."""
+    valid at ``now`` (± :data:`MAX_SKEW_S`, like write tokens: the owner's clock and the
+    checker's differ), for ``author``, this twin and ``right`` — and its holder key signs."""
     permit = permit_of(env)
     if permit is None:
         return owner_key, None
     verify_interact_token(permit, owner_key, principal=author, twin=env["twin"], right=right,
-                          now=now)
+                          now=now, leeway_s=MAX_SKEW_S)
     return permit.holder_key, permit
 
 

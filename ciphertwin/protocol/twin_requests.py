@@ -12,7 +12,7 @@
   against the token's ``devices``, so the forwarding cloud can neither read nor forge it.
 * approvals: an approver's Ed25519 signature over ("approval", twin, request_id, op,
   sha256(args), sha256(attachment)) — bound to one request, so never reusable for another;
-  a firmware image is signed as ("firmware", sha256(image)).
+  a firmware image is signed as sha256(image) under signature context ``firmware``.
 * ``presence`` (device → cloud): awake/asleep, until when, next wake-up; signed under the
   write token so nobody else can make the cloud deliver a queue to nowhere or wake a device.
 """
@@ -29,11 +29,11 @@ import msgpack
 
 from ciphertwin.bus.envelope import Envelope, encode
 from ciphertwin.crypto import wire
-from ciphertwin.crypto.errors import SignatureInvalid
+from ciphertwin.crypto.errors import SignatureInvalid, TokenRejected
 from ciphertwin.crypto.hpke import PUBLIC_KEY_BYTES, X25519KeyPair, hpke_open, hpke_seal
 from ciphertwin.crypto.kpcpre import PreKeyPair, PrePublicKey
 from ciphertwin.crypto.signing import SIGNATURE_BYTES, SigningKey, VerifyKey
-from ciphertwin.crypto.tokens import DeviceKeys, InteractToken, verify_interact_token
+from ciphertwin.crypto.tokens import DeviceKeys, InteractToken
 from ciphertwin.errors import ValidationError
 from ciphertwin.protocol import kinds
 from ciphertwin.protocol.items import DeviceCredentials
@@ -168,7 +168,8 @@ def valid_approvers(req: OpenedRequest, approvers: Mapping[str, VerifyKey]) -> s
 
 
 def image_message(image: bytes) -> bytes:
-    return wire.canonical(["firmware", _digest(wire.check_bytes(image, "image"))])
+    """What an image signer signs (under context ``firmware``): sha256(image)."""
+    return _digest(wire.check_bytes(image, "image", max_len=MAX_ATTACHMENT_BYTES))
 
 
 def sign_image(signer: SigningKey, image: bytes) -> bytes:
@@ -205,12 +206,10 @@ class OpenedRequest:
     time: float = 0.0
 
 
-def recipients_from_token(token: InteractToken) -> list[Recipient]:
-    """The devices an InteractToken lists, as recipients of a request's key.
-
-    (A token does not say which device serves which twin; a token for several twins lists
-    all their devices, and each gets a wrap: each can read requests to any of those twins.)"""
-    return [Recipient(d.device, PrePublicKey.from_bytes(d.pre_pk)) for d in token.devices]
+def recipients_from_token(token: InteractToken, twin: str) -> list[Recipient]:
+    """The devices an InteractToken lists for ``twin``, as recipients of a request's key
+    (a device listed without a twin counts for every twin of the token)."""
+    return [Recipient(d.device, PrePublicKey.from_bytes(d.pre_pk)) for d in token.devices_of(twin)]
 
 
 def build_request(signer: SigningKey, twin: str, requester: str, owner_pk: PrePublicKey,
@@ -282,8 +281,8 @@ def open_request(env: Envelope, wrap: bytes, pre: PreKeyPair, owner_key: VerifyK
     key, permit = _request_key(env, owner_key, when)
     body = _request_body(open_with_wrap(env, REQUEST, env["requester"],
                                         meta_of(env, "requester"), wrap, pre, key))
-    if permit is not None:
-        verify_interact_token(permit, owner_key, operation=body.op, now=when)
+    if permit is not None and not permit.allows_operation(body.op):  # (signature checked above)
+        raise TokenRejected("operation-not-allowed", repr(body.op))
     return OpenedRequest(env["twin"], env["requester"], env["request_id"], float(env["deadline"]),
                          body, permit, bool(env["wake"]), float(env["time"]))
 
@@ -330,16 +329,20 @@ def verify_answer_outer(env: Envelope, owner_key: VerifyKey, *, now: float) -> N
 
 
 def open_answer(env: Envelope, reply_key: X25519KeyPair, owner_key: VerifyKey, request_id: str,
-                devices: Sequence[DeviceKeys] | None) -> AnswerBody:
-    """The requester's view of an answer: to ``request_id``, by a device the owner vouches
-    for (write token; and if ``devices`` is given, listed there with this verify key), sealed
-    to ``reply_key``. The owner itself passes ``devices=None``."""
+                devices: Sequence[DeviceKeys] | None, *, twin: str | None = None) -> AnswerBody:
+    """The requester's view of an answer: to ``request_id`` (about ``twin``, if given), by a
+    device the owner vouches for (write token; and if ``devices`` is given, listed there for
+    this twin with this verify key), sealed to ``reply_key``. The owner passes
+    ``devices=None``."""
     expect_kind(env, ANSWER)
     if env["request_id"] != request_id:
         raise ValidationError("answer is to another request")
+    if twin is not None and env["twin"] != twin:
+        raise ValidationError(f"answer is about twin {env['twin']!r}, not {twin!r}")
     token = verify_device_envelope(env, owner_key, now=float(env["time"]))
     if devices is not None and not any(
-            d.device == env["device"] and d.verify_key == token.device_key.raw for d in devices):
+            d.device == env["device"] and d.verify_key == token.device_key.raw
+            and d.serves(env["twin"]) for d in devices):
         raise ValidationError(f"answer from device {env['device']!r}, which the token does not list")
     plaintext = hpke_open(reply_key, env["reply"], _ANSWER_INFO,
                           _answer_aad(env["twin"], env["device"], env["requester"], request_id))

@@ -98,14 +98,20 @@ def verify_desired_outer(env: Envelope, owner_key: VerifyKey, *, now: float) -> 
     and the outer signature is the owner's or that of the holder of a permit (owner-signed,
     valid at ``now``, for this writer, twin and right ``desired``). Whether ``base_version``
     is current, and whether the permit is revoked, is the caller's state."""
+    _desired_key(env, owner_key, now)
+    return str(env["writer"])
+
+
+def _desired_key(env: Envelope, owner_key: VerifyKey,
+                 now: float) -> tuple[VerifyKey, InteractToken | None]:
     expect_kind(env, DESIRED)
     if env["version"] != env["base_version"] + 1:
         raise ValidationError("desired version must be base_version + 1")
     check_fresh(env["time"], now, "desired document")
-    key, _permit = author_key_for(env, env["writer"], owner_key, right="desired", now=now)
+    key, permit = author_key_for(env, env["writer"], owner_key, right="desired", now=now)
     verify_envelope(env, key)
     wrap_for(env, OWNER_RECIPIENT)
-    return str(env["writer"])
+    return key, permit
 
 
 def open_desired(env: Envelope, key_material: bytes, pre: PreKeyPair, owner_key: VerifyKey,
@@ -115,8 +121,8 @@ def open_desired(env: Envelope, key_material: bytes, pre: PreKeyPair, owner_key:
     ``now`` is when the permit must be valid: the current time by default (a device about to
     apply it); a reader looking at stored state passes ``now=env["time"]``."""
     when = _time.time() if now is None else now
-    writer = verify_desired_outer(env, owner_key, now=when)
-    key, permit = author_key_for(env, writer, owner_key, right="desired", now=when)
+    key, permit = _desired_key(env, owner_key, when)
+    writer = str(env["writer"])
     body = open_with_wrap(env, DESIRED, writer, meta_of(env, "writer"), key_material, pre, key)
     if set(body) != {"doc"}:
         raise ValidationError("desired document body must be {doc}")
