@@ -112,13 +112,18 @@ async def test_unknown_revoked_expired_requesters_refused(cw: CloudWorld) -> Non
     await stranger.send(raw)
     assert "unknown permit" in await stranger.until(rid, "refused")
     bob = await _bob(cw)
-    raw, rid = bob.build()
+    raw, queued = bob.build()
     await bob.send(raw)
-    await bob.until(rid, "queued")
+    await bob.until(queued, "queued")
     assert (await cw.revoke_interact(bob.permit))["ok"]  # type: ignore[arg-type]
     raw, rid = bob.build()
     await bob.send(raw)
     assert await bob.until(rid, "refused") == "permit revoked by the owner"
+    # what waited in the queue under the revoked permit never reaches the device
+    await cw.presence(True)
+    assert await bob.until(queued, "refused") == "permit revoked by the owner"
+    assert cw.inbox.of("inbox_request") == []
+    await cw.presence(False)
     # right "desired" only: no requests
     desired_only = await _bob(cw, ("desired",))
     raw, rid = desired_only.build()
@@ -251,6 +256,13 @@ async def test_thousand_queued_requests_survive_restart_in_order(
                 await bob.statuses.wait(lambda: len(bob.statuses.messages) >= 1000, timeout=120)
                 assert {e["state"] for _, e, _ in bob.statuses.messages} == {"queued"}
                 queued_s = time.perf_counter() - t0
+                w = cw.w
+                raw, _, extra = build_request(  # the 1,001st: over the default cap
+                    w.requester.sig, w.twin, "bob", w.owner.pre.public, "step", {"i": 1000},
+                    permit=bob.permit.to_bytes(),  # type: ignore[union-attr]
+                    devices=[w.device_recipient], deadline=time.time() + 3600)
+                await bob.send(raw)
+                assert (await bob.until(extra, "refused")).startswith("queue full")
                 await cw.stop_cloud()  # the cloud goes away with 1,000 requests queued
                 await cw.start_cloud()
                 assert await cw.cloud.store.queue_length("t1", "d1") == 1000  # type: ignore[union-attr]

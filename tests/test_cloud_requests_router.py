@@ -222,3 +222,49 @@ async def test_restart_redelivers_unanswered_in_order(make_store: StoreFactory) 
         assert h2.states("r0") == [] and h2.states("r3") == ["delivered"]
     finally:
         await again.close()
+
+
+async def test_request_admitted_during_a_delivery_run_keeps_its_place(h: Harness) -> None:
+    """A long queue is being delivered when a new request comes: it is not sent ahead of the
+    queue, and not left behind either."""
+    import asyncio
+
+    slow = h._deliver
+
+    async def deliver(d: Delivery) -> None:
+        await asyncio.sleep(0.005)
+        await slow(d)
+
+    h.router._deliver = deliver
+    for i in range(30):
+        await h.router.submit(h.req(f"q{i:02}"))
+    run = asyncio.create_task(h.router.on_presence(h.presence(True)))
+    await asyncio.sleep(0.03)
+    status = await h.router.submit(h.req("late"))
+    assert status.state == "queued" and "under way" in status.reason
+    await run
+    assert [r for _, r in h.delivered] == [f"q{i:02}" for i in range(30)] + ["late"]
+    assert h.states("late") == ["queued", "delivered"]
+
+
+async def test_wake_count_and_presence_survive_restart(tmp_path: Path) -> None:
+    """The hourly wake cap is not reset by restarting the cloud (else restarting it, or
+    crashing it, would be a way around the denial-of-sleep cap)."""
+    clock = Clock()
+    first = SqliteTwinStore(tmp_path / "w.db")
+    await first.open()
+    h = Harness(first, clock, wakes_per_hour=1)
+    await h.router.on_presence(h.presence(False))
+    assert (await h.router.submit(h.req("w0", wake=True))).reason == "waking device d1"
+    await first.close()
+    again = SqliteTwinStore(tmp_path / "w.db")
+    await again.open()
+    try:
+        h2 = Harness(again, clock, wakes_per_hour=1)
+        await h2.router.load()
+        clock.now += 60
+        await h2.router.on_presence(h2.presence(False))
+        assert (await h2.router.submit(h2.req("w1", wake=True))).reason == WAKE_CAP_REACHED
+        assert h2.wakes == []
+    finally:
+        await again.close()

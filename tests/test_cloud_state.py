@@ -242,3 +242,48 @@ async def test_the_store_holds_no_plaintext(cw: CloudWorld, tmp_path: Path) -> N
     for f in tmp_path.glob("cloud.db*"):
         assert marker.encode() not in f.read_bytes()
 
+
+
+async def test_store_failure_is_answered_not_dropped(cw: CloudWorld) -> None:
+    """The cloud's store goes away: writers and requesters are told, nobody waits for a
+    timeout, and the cloud keeps running."""
+    assert cw.cloud is not None
+    await cw.cloud.store.close()
+    res = await _set(cw, {"v": 1}, 0)
+    assert not res["ok"] and res["reason"] == "the cloud's store failed (try again later)"
+    res = await _report(cw, 1, 0, {"v": 1}, True)
+    assert not res["ok"] and "store failed" in res["reason"]
+    q = await _query(cw, "alice")
+    assert "store failed" in q["error"]
+
+
+@pytest.mark.postgres
+async def test_state_on_postgres(tmp_path: Path) -> None:
+    """The same service paths on the PostgreSQL store: compare-and-set under concurrent
+    writers, reported versions, query."""
+    import asyncpg
+
+    from ciphertwin.cloud_twin.store_postgres import PostgresTwinStore
+    from cloud_interact import CloudWorld, endpoint
+    from interact_world import make_world
+    from test_cloud_store_postgres import DSN
+
+    schema = f"ct_test_{secrets.token_hex(6)}"
+    try:
+        async with endpoint("embedded") as ep:
+            world = CloudWorld(ep, tmp_path / "unused.db", make_world())
+            world.make_store = lambda: PostgresTwinStore(DSN, schema=schema, max_size=4)  # type: ignore[method-assign]
+            async with world as cw:
+                assert (await _set(cw, {"v": 0}, 0))["ok"]
+                results = await asyncio.gather(*(_set(cw, {"v": i}, 1) for i in range(4)))
+                assert sum(r["ok"] for r in results) == 1
+                assert (await _report(cw, 1, 2, {"v": 1}, False))["ok"]
+                assert not (await _report(cw, 1, 2, {"v": 1}, True))["ok"]
+                q = await _query(cw, "alice")
+                assert (q["desired_version"], q["reported_version"], q["in_sync"]) == (2, 1, False)
+    finally:
+        conn = await asyncpg.connect(DSN)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()

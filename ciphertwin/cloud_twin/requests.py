@@ -46,6 +46,7 @@ from ciphertwin.cloud_twin.trust import Owner, Rejected
 from ciphertwin.crypto.errors import TokenRejected
 from ciphertwin.crypto.tokens import InteractToken, verify_interact_token
 from ciphertwin.errors import ValidationError
+from ciphertwin.protocol.sealed_docs import MAX_SKEW_S
 
 log = structlog.get_logger(__name__)
 
@@ -158,8 +159,12 @@ class RequestRouter:
         wakes_per_hour: int = 6,
         max_deadline_s: float = 7 * 86400,
         clock: Callable[[], float] = time.time,
+        still_valid: Callable[[Delivery, float], str | None] | None = None,
     ) -> None:
+        """``still_valid(delivery, now)``: why a queued request may no longer go out (its
+        permit was revoked or has expired meanwhile), or None — checked at delivery."""
         self.store = store
+        self._still_valid = still_valid
         self._deliver, self._wake, self._status = deliver, wake, status
         self.per_requester = RateWindow(requests_per_min)
         self.per_twin = RateWindow(twin_requests_per_min)
@@ -173,6 +178,8 @@ class RequestRouter:
         already delivered is sent again."""
         self._wakes: dict[tuple[str, str], list[float]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._more: set[tuple[str, str]] = set()
+        """Devices with requests admitted while their delivery run held the lock."""
 
     async def load(self) -> None:
         """Presence and wake-up counts from the store (the queue itself stays there)."""
@@ -207,11 +214,18 @@ class RequestRouter:
                  request=req.request_id, devices=sorted(req.wraps), wake=req.wake)
         delivered_now = []
         for device in sorted(req.wraps):
-            if self.is_awake(req.twin, device, now):
-                delivered_now.append(await self._flush_logged(
-                    req.twin, device, quiet=(req.requester, req.request_id)))
+            if not self.is_awake(req.twin, device, now):
+                continue
+            if self._locks[(req.twin, device)].locked():  # a delivery run is under way:
+                self._more.add((req.twin, device))  # it takes this one too, in order
+                delivered_now.append(0)
+                continue
+            delivered_now.append(await self._flush_logged(
+                req.twin, device, quiet=(req.requester, req.request_id)))
         if delivered_now and all(delivered_now):
             status = Status(DELIVERED)
+        elif delivered_now and len(delivered_now) == len(req.wraps):
+            status = Status(QUEUED, "delivery to the awake device under way")
         else:
             status = await self._asleep(req, now)
         await self._tell(req.requester, req.request_id, status)
@@ -334,6 +348,9 @@ class RequestRouter:
                 batch = await self.store.device_queue(twin, device, after=after,
                                                       include_delivered=redeliver, limit=200)
                 if not batch:
+                    if (twin, device) in self._more:  # admitted while we ran: look again
+                        self._more.discard((twin, device))
+                        continue
                     break
                 now = self.clock()
                 fresh: list[Delivery] = []
@@ -342,6 +359,10 @@ class RequestRouter:
                         if d.deadline <= now:
                             await self.expire(d.requester, d.request_id, now)
                             continue
+                        if self._still_valid is not None and (
+                                why := self._still_valid(d, now)) is not None:
+                            await self._refuse_queued(d, why, now)
+                            continue
                         await self._deliver(d)
                         delivered += 1
                         if not d.delivered:
@@ -349,9 +370,9 @@ class RequestRouter:
                 finally:
                     if fresh:
                         await self.store.mark_delivered(twin, device, fresh[0].ord, fresh[-1].ord)
-                for d in fresh:
-                    if (d.requester, d.request_id) != quiet:
-                        await self._tell(d.requester, d.request_id, Status(DELIVERED))
+                await asyncio.gather(*(  # statuses go to many requesters: no order to keep
+                    self._tell(d.requester, d.request_id, Status(DELIVERED))
+                    for d in fresh if (d.requester, d.request_id) != quiet))
                 after = batch[-1].ord
         if delivered:
             log.info("requests.delivered", twin=twin, device=device, count=delivered,
@@ -381,6 +402,12 @@ class RequestRouter:
         log.info("requests.expired", twin=record.twin, requester=requester, request=request_id)
         await self._tell(requester, request_id, Status(EXPIRED, "deadline passed"))
         return True
+
+    async def _refuse_queued(self, d: Delivery, reason: str, now: float) -> None:
+        if await self.store.close_request(d.requester, d.request_id, RequestState.REFUSED, now):
+            log.warning("requests.refused_at_delivery", twin=d.twin, device=d.device,
+                        requester=d.requester, request=d.request_id, reason=reason)
+            await self._tell(d.requester, d.request_id, Status(REFUSED, reason))
 
     async def sweep(self) -> int:
         """Expire every request whose deadline passed; forget old final ones and idle rate
@@ -446,7 +473,8 @@ class InteractBook:
     async def install(self, owner: Owner, raw: bytes, now: float) -> InteractToken:
         """Install a token the owner signed (still valid, not revoked); returns it."""
         try:
-            token = verify_interact_token(self.parse(raw), owner.verify_key, now=now)
+            token = verify_interact_token(self.parse(raw), owner.verify_key, now=now,
+                                          leeway_s=MAX_SKEW_S)  # owner clock ahead
         except TokenRejected as exc:
             raise Rejected(f"interact token refused: {exc}") from None
         if token.token_id in self.revoked:

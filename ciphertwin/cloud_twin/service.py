@@ -53,7 +53,7 @@ from ciphertwin.crypto.errors import SignatureInvalid
 from ciphertwin.crypto.kpcpre import PrePublicKey, ReKey
 from ciphertwin.crypto.policy import Policy
 from ciphertwin.crypto.signing import VerifyKey
-from ciphertwin.crypto.tokens import WriteToken
+from ciphertwin.crypto.tokens import InteractToken, WriteToken
 from ciphertwin.errors import CipherTwinError, ValidationError
 from ciphertwin.protocol.control import control_request_id, verify_control
 from ciphertwin.protocol.kinds import CONTROL_KINDS
@@ -70,6 +70,7 @@ log = structlog.get_logger(__name__)
 
 MAX_HISTORY_PAGE = 2000
 QUERY_KINDS = ("history_query", "state_query")
+STORE_FAILED = "the cloud's store failed (try again later)"
 
 
 def _reason(exc: BaseException) -> str:
@@ -114,7 +115,10 @@ class CloudTwin:
                                excluded_reader=self.jobs.is_node)
         self.requests = RequestRouter(store, deliver=self._deliver_request,
                                       wake=self._wake_device, status=self._request_status,
+                                      still_valid=self._permit_still_valid,
                                       **dict(request_limits or {}))
+        self._permits: OrderedDict[tuple[str, str], InteractToken | None] = OrderedDict()
+        """(requester, request_id) -> the permit of a queued request, parsed once."""
         self.sweep_interval_s = sweep_interval_s
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -147,16 +151,16 @@ class CloudTwin:
                                  max_payload=max_size_of(*CONTROL_KINDS, "process_token"))
         await self.bus.subscribe(t.filter("query"), self._on_query, concurrency=4,
                                  max_payload=max_size_of(*QUERY_KINDS))
-        # one at a time each: a twin's writes and a device's queue keep their arrival order
-        for kind, handler, payload_kind in (
-                ("desired", self._on_desired, "desired_set"),
-                ("reported", self._on_reported, "reported_set"),
-                ("requests", self._on_request, "request"),
-                ("presence", self._on_presence, "presence")):
-            await self.bus.subscribe(t.filter(kind), handler,
+        # requests and desired writes one at a time: they keep their arrival order; a
+        # presence may deliver a long queue, so several run at once (per-device locks)
+        for kind, handler, payload_kind, concurrency in (
+                ("desired", self._on_desired, "desired_set", 1),
+                ("reported", self._on_reported, "reported_set", 1),
+                ("requests", self._on_request, "request", 1),
+                ("presence", self._on_presence, "presence", 4),
+                ("answers", self._on_answer, "answer", 4)):
+            await self.bus.subscribe(t.filter(kind), handler, concurrency=concurrency,
                                      max_payload=max_size_of(payload_kind))
-        await self.bus.subscribe(t.filter("answers"), self._on_answer, concurrency=4,
-                                 max_payload=max_size_of("answer"))
         await self.jobs.start()
         log.info("cloud.started", owners=len(self.trust.owners))
         return self
@@ -492,9 +496,11 @@ class CloudTwin:
             writer = verify_desired_outer(env, owner.verify_key, now=time.time())
             self._check_author(env, writer, owner)
             outcome, summary = await self.state.accept_desired(owner, env, payload, writer)
-        except CipherTwinError as exc:
-            log.warning("cloud.desired_refused", twin=twin, writer=writer, reason=_reason(exc))
-            await self._state_result(writer, rid, False, _reason(exc),
+        except Exception as exc:  # noqa: BLE001 - refused, or the store failed: answered
+            reason = _reason(exc) if isinstance(exc, CipherTwinError) else STORE_FAILED
+            log.warning("cloud.desired_refused", twin=twin, writer=writer, reason=reason,
+                        error=None if isinstance(exc, CipherTwinError) else _reason(exc))
+            await self._state_result(writer, rid, False, reason,
                                      await self._summary_or_zero(twin))
             return
         reason = "ok" if outcome.accepted else \
@@ -514,9 +520,11 @@ class CloudTwin:
             verify_reported_outer(env, owner.verify_key, now=time.time())
             self._device_token(env)
             outcome, summary = await self.state.accept_reported(owner, env, payload)
-        except CipherTwinError as exc:
-            log.warning("cloud.reported_refused", twin=twin, device=device, reason=_reason(exc))
-            await self._state_result(device, rid, False, _reason(exc),
+        except Exception as exc:  # noqa: BLE001 - refused, or the store failed: answered
+            reason = _reason(exc) if isinstance(exc, CipherTwinError) else STORE_FAILED
+            log.warning("cloud.reported_refused", twin=twin, device=device, reason=reason,
+                        error=None if isinstance(exc, CipherTwinError) else _reason(exc))
+            await self._state_result(device, rid, False, reason,
                                      await self._summary_or_zero(twin))
             return
         reason = "ok" if outcome.accepted else (
@@ -562,8 +570,13 @@ class CloudTwin:
             return
         wraps = {w["to"]: w["wrap"] for w in env["wraps"]
                  if w["to"] != OWNER_RECIPIENT and self._device_of(twin, w["to"])}
-        await self.requests.submit(IncomingRequest(twin, requester, rid, float(env["deadline"]),
-                                                   bool(env["wake"]), payload, wraps))
+        try:
+            await self.requests.submit(IncomingRequest(
+                twin, requester, rid, float(env["deadline"]), bool(env["wake"]), payload, wraps))
+        except Exception as exc:  # noqa: BLE001 - the store failed: answered, not dropped
+            log.error("requests.submit_failed", twin=twin, requester=requester, request=rid,
+                      error=_reason(exc))
+            await self._request_status(requester, rid, Status(REFUSED, STORE_FAILED), None)
 
     async def _on_answer(self, topic: str, payload: bytes, retain: bool) -> None:
         try:
@@ -604,6 +617,27 @@ class CloudTwin:
                 log.warning("cloud.desired_redelivery_failed", twin=p.twin, device=p.device,
                             reason=_reason(exc))
         await self.requests.on_presence(p)
+
+    def _permit_still_valid(self, d: Delivery, now: float) -> str | None:
+        """At delivery: a queued request whose permit was revoked, or expired, meanwhile is
+        refused instead of reaching the device (which would refuse it too)."""
+        key = (d.requester, d.request_id)
+        permit = self._permits.get(key)
+        if key not in self._permits:
+            try:
+                permit = permit_of(decode(d.envelope, "request"))
+            except CipherTwinError:  # it decoded when admitted: the store's bytes changed
+                return "stored request no longer decodes"
+            self._permits[key] = permit
+            if len(self._permits) > 2000:
+                self._permits.popitem(last=False)
+        if permit is None:
+            return None
+        if permit.token_id in self.interact.revoked:
+            return "permit revoked by the owner"
+        if now >= permit.not_after:
+            return "permit expired while queued"
+        return None
 
     async def _deliver_request(self, d: Delivery) -> None:
         await self.bus.publish(self.topics.inbox(d.device),

@@ -156,6 +156,7 @@ class RequestState(StrEnum):
     OPEN = "open"
     ANSWERED = "answered"
     EXPIRED = "expired"
+    REFUSED = "refused"  # e.g. its permit was revoked while it waited in the queue
 
 
 @dataclass(frozen=True, slots=True)
