@@ -334,3 +334,19 @@ def test_permissive_gatekeeper_and_example_config() -> None:
     assert gk.simulator is not None and gk.manipulator.clamp
     assert isinstance(gk.check(change(owner=True, args={"target_c": 30}), state=STATE),
                       Decision)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(-20, 40), st.floats(5, 30), st.sampled_from(["auto", "off", "boost"]),
+       st.floats(-15, 15), st.floats(60, 24 * 3600))
+def test_thermostat_stays_between_its_physical_bounds(room: float, target: float, mode: str,
+                                                     outside: float, horizon: float) -> None:
+    """The room never leaves [min(T0, T_out), max(T0, T_out + P·τ/C)] (first-order system,
+    exact steps), and in auto mode ends near the target when the heater can reach it."""
+    th = Thermostat(outside_c=outside)
+    p = th.predict({"room_c": room}, {"target_c": target, "mode": mode}, horizon)
+    low, high = min(room, outside), max(room, th.settle_c(True))
+    assert all(low - 1e-9 <= v <= high + 1e-9 for v in p.series["room_c"])
+    assert len(p.times) == len(p.series["room_c"]) and p.times[-1] == pytest.approx(horizon)
+    if mode == "auto" and horizon >= 12 * 3600 and outside < target < th.settle_c(True) - 1:
+        assert abs(p.series["room_c"][-1] - target) < 1.0

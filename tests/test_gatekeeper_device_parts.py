@@ -70,19 +70,21 @@ def test_interaction_store_survives_restart(tmp_path: Path) -> None:
     async def run() -> None:
         path = tmp_path / "interaction.db"
         async with InteractionStore(path) as st:
-            assert await st.counter("desired") == 0
-            assert await st.raise_counter("desired", 3)
-            assert not await st.raise_counter("desired", 3)
-            assert not await st.raise_counter("desired", 2)
-            assert [await st.next_counter("reported") for _ in range(3)] == [1, 2, 3]
+            assert await st.counter("desired_version") == 0
+            assert await st.claim_desired(3, b"doc3") == (True, 0, 1)
+            assert await st.claim_desired(3, b"again") == (False, 3, 0)
+            assert await st.claim_desired(2, b"older") == (False, 3, 0)
+            assert await st.get_doc("desired_doc") == b"doc3"
+            assert [await st.next_counter("reported_version") for _ in range(2)] == [2, 3]
             assert await st.claim_request("bob", "r1", 9e12) == (True, None)
             assert await st.claim_request("bob", "r1", 9e12) == (False, None)
             await st.store_answer("bob", "r1", b"answer")
             assert await st.claim_request("carol", "r1", 9e12) == (True, None)
             await st.revoke(b"tok", 9e12)
         async with InteractionStore(path) as st:
-            assert await st.counter("desired") == 3
-            assert await st.next_counter("reported") == 4
+            assert await st.counter("desired_version") == 3
+            assert await st.next_counter("reported_version") == 4
+            assert await st.claim_desired(4, b"doc4") == (True, 3, 5)
             assert await st.claim_request("bob", "r1", 9e12) == (False, b"answer")
             assert await st.revoked() == {b"tok"}
             # expired rows are forgotten

@@ -215,11 +215,13 @@ class DeviceInteraction:
         doc = open_desired(env, inbox["key"], self.config.identity.pre,
                            self.config.owner_verify, now=self.clock())
         async with self._lock:
-            last = await self.store.counter(DESIRED_COUNTER)
-            if doc.version < last:
+            claimed, last, report_version = await self.store.claim_desired(
+                doc.version, canonical(doc.doc), desired=DESIRED_COUNTER,
+                reported=REPORTED_COUNTER, doc_name=LAST_DESIRED_DOC)
+            if not claimed and doc.version < last:
                 raise ValidationError(f"desired version {doc.version} is older than the "
                                       f"applied {last} (replayed or stale)")
-            if doc.version == last:
+            if not claimed:
                 log.info("device.desired_again", version=doc.version, hint="reported again")
                 await self._report_again(doc.version, doc.doc)
                 return
@@ -231,15 +233,12 @@ class DeviceInteraction:
             change = Change(self.config.twin, principal, DESIRED_OP, doc.doc, is_owner=is_owner,
                             ref=f"desired:{doc.version}")
             decision = await self._judge(change, revoked)
-            if not await self.store.raise_counter(DESIRED_COUNTER, doc.version):
-                raise ValidationError(f"desired version {doc.version} was overtaken")
-            await self.store.put_doc(LAST_DESIRED_DOC, canonical(doc.doc))
             if decision.allowed:
                 decision = await self._apply(decision, DESIRED_OP, dict(decision.args))
-            await self.decisions.append(decision)
-            if decision.allowed:
-                self.applied += 1
-            await self._report(doc.version, doc.doc)
+                self.applied += decision.allowed
+            # the report first on the wire; the decision's (durable) outbox append alongside
+            await asyncio.gather(self._report(doc.version, doc.doc, version=report_version),
+                                 self.decisions.append(decision))
 
     async def _apply(self, decision: Decision, op: str, args: dict[str, Any]) -> Decision:
         """Run the handler; returns the decision (turned into a refusal if it failed) and
@@ -261,8 +260,10 @@ class DeviceInteraction:
         self._result = result
         return decision
 
-    async def _report(self, desired_version: int, desired: Mapping[str, Any] | None) -> None:
-        """Publish the current state as ``reported_set`` under a new own version."""
+    async def _report(self, desired_version: int, desired: Mapping[str, Any] | None, *,
+                      version: int | None = None) -> None:
+        """Publish the current state as ``reported_set`` under a new own version (or the
+        one reserved with the desired version)."""
         state = handler_state(self.handler) or self._state
         try:
             check_document(state)
@@ -270,7 +271,8 @@ class DeviceInteraction:
             log.error("device.state_not_reportable", reason=str(exc))
             return
         in_sync = desired is not None and not delta(dict(desired), state)
-        version = await self.store.next_counter(REPORTED_COUNTER)
+        if version is None:
+            version = await self.store.next_counter(REPORTED_COUNTER)
         env = build_reported(self.creds, self.config.owner_pre, version, desired_version, state,
                              in_sync)
         self._state = state
@@ -334,13 +336,15 @@ class DeviceInteraction:
             if b.attachment is not None:
                 args["attachment"] = b.attachment
             decision = await self._apply(decision, b.op, args)
-        await self.decisions.append(decision)
         if decision.silent:
+            await self.decisions.append(decision)
             return
         answer = self._answer(req, decision)
-        await self.store.store_answer(req.requester, req.request_id, answer)
-        if await self._publish(self.bus.topics.answers(self.config.twin), answer, "answer"):
-            self.answered += 1
+        published, *_ = await asyncio.gather(
+            self._publish(self.bus.topics.answers(self.config.twin), answer, "answer"),
+            self.store.store_answer(req.requester, req.request_id, answer),
+            self.decisions.append(decision))
+        self.answered += bool(published)
         if decision.allowed and self._changed(before):
             await self._report(await self.store.counter(DESIRED_COUNTER),
                                await self._last_desired())

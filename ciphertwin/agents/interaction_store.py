@@ -117,15 +117,39 @@ class InteractionStore:
             return 0 if row is None else int(row[0])
         return await self._run(read)
 
-    async def raise_counter(self, name: str, value: int) -> bool:
-        """Set ``name`` to ``value`` iff that raises it (one transaction); False otherwise —
-        the caller then knows ``value`` is a replay or was overtaken."""
-        def write() -> bool:
-            cur = self._db().execute(
-                "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
-                "SET value = excluded.value WHERE excluded.value > counters.value", (name, value))
-            return cur.rowcount == 1
-        return await self._run(write)
+    async def claim_desired(self, version: int, doc: bytes, *, desired: str = "desired_version",
+                            reported: str = "reported_version", doc_name: str = "desired_doc",
+                            ) -> tuple[bool, int, int]:
+        """(claimed, last applied, reserved report version) in ONE transaction: if
+        ``version`` is above the last desired version, it becomes the last, ``doc`` is kept
+        and a report version is reserved (at most once per version, and one disk commit on
+        the latency path); else nothing changes and the report version is 0."""
+        def claim() -> tuple[bool, int, int]:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT value FROM counters WHERE name = ?",
+                                 (desired,)).fetchone()
+                last = 0 if row is None else int(row[0])
+                if version <= last:
+                    db.execute("ROLLBACK")
+                    return False, last, 0
+                upsert = ("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) "
+                          "DO UPDATE SET value = excluded.value")
+                db.execute(upsert, (desired, version))
+                db.execute("INSERT INTO docs (name, value) VALUES (?, ?) ON CONFLICT (name) DO "
+                           "UPDATE SET value = excluded.value", (doc_name, doc))
+                report = db.execute(
+                    "INSERT INTO counters (name, value) VALUES (?, 1) ON CONFLICT (name) DO "
+                    "UPDATE SET value = counters.value + 1 RETURNING value", (reported,)
+                ).fetchone()[0]
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return True, last, int(report)
+        return await self._run(claim)
 
     async def next_counter(self, name: str) -> int:
         """Increment and return ``name`` (committed before the caller uses the value)."""
@@ -137,11 +161,6 @@ class InteractionStore:
         return await self._run(bump)
 
     # -- documents -----------------------------------------------------------------------------
-    async def put_doc(self, name: str, value: bytes) -> None:
-        await self._run(lambda: self._db().execute(
-            "INSERT INTO docs (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
-            "value = excluded.value", (name, value)))
-
     async def get_doc(self, name: str) -> bytes | None:
         def read() -> bytes | None:
             row = self._db().execute("SELECT value FROM docs WHERE name = ?", (name,)).fetchone()
