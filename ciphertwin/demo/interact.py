@@ -153,7 +153,7 @@ def store_plaintext_hits(db: Path, needles: list[bytes]) -> list[bytes]:
     return sorted(found)
 
 
-async def _scenario(report: DemoReport, sandbox: Sandbox, cloud: CloudTwin, alice: OwnerAgent,
+async def _scenario(report: DemoReport, sandbox: Sandbox, alice: OwnerAgent,
                     bob_id: Identity, db: Path, window_s: float, sleep_s: float) -> None:
     checks, marker = report.checks, f"pt-{secrets.token_hex(6)}"
     approvers = {n: SigningKey.generate() for n in APPROVERS}
@@ -290,14 +290,14 @@ async def run_demo(external: tuple[str, int] | None = None, *, window_s: float =
         db = Path(sandbox.deployment.storage.sqlite_path)
         async with sandbox.broker(), sandbox.bus("cloud") as cloud_bus, \
                 CloudTwin(cloud_bus, SqliteTwinStore(db), pool=ReencryptionPool(1),
-                          request_limits={"requests_per_min": RATE_LIMIT_PER_MIN}) as cloud, \
+                          request_limits={"requests_per_min": RATE_LIMIT_PER_MIN}), \
                 sandbox.bus("alice") as alice_bus:
             (sandbox.root / "alice").mkdir(mode=0o700)  # alice's device book
             alice = OwnerAgent(Identity.generate("alice", "owner"), alice_bus,
                                home=sandbox.root / "alice")
             await alice.register()
-            await _scenario(report, sandbox, cloud, alice, Identity.generate("bob", "receiver"),
-                            db, window_s, sleep_s)
+            await _scenario(report, sandbox, alice, Identity.generate("bob", "receiver"), db,
+                            window_s, sleep_s)
         report.figures["broker"] = ("mosquitto %s:%d (anonymous)" % external if external
                                     else "embedded amqtt (authenticated, per-client ACLs)")
         report.figures["seconds"] = round(time.perf_counter() - started, 2)
