@@ -25,6 +25,7 @@ def test_settings_defaults_example_and_errors(tmp_path: Path) -> None:
     assert s.gatekeeper.simulator is not None and s.wake.window_s == 60
     bad = tmp_path / "bad.toml"
     for text in ("[interaction]\nsleep_s = -1", "[interaction]\nwakeable = 'yes'",
+                 "[interaction]\nmax_wakes_per_hour = -2", "[interaction]\nwindow_s = 0",
                  "[other]\n", "[interaction]\nhandler = 'nope:nothing'\n", "not toml ==",
                  "[gatekeeper.access]\ndefault = 'perhaps'"):
         bad.write_text(text)
