@@ -129,7 +129,8 @@ async def test_unknown_revoked_expired_requesters_refused(cw: CloudWorld) -> Non
     raw, rid = desired_only.build()
     await desired_only.send(raw)
     assert "right-not-granted" in await desired_only.until(rid, "refused")
-    short = await _bob(cw, valid_for_s=2)
+    # expires 2 s from now on the cloud's clock, the 300 s clock-skew leeway included
+    short = await _bob(cw, not_before=int(time.time()) - 1000, valid_for_s=702)
     await asyncio.sleep(2.2)
     raw, rid = short.build()
     await short.send(raw)

@@ -161,7 +161,8 @@ async def test_permits_unknown_revoked_expired(cw: CloudWorld) -> None:
     again = await cw.grant_interact(permit)
     assert not again["ok"] and "revoked" in again["reason"]
     # expired
-    short = w.permit(["desired"], valid_for_s=2)
+    # expires 2 s from now on the cloud's clock, the 300 s clock-skew leeway included
+    short = w.permit(["desired"], not_before=int(time.time()) - 1000, valid_for_s=702)
     assert (await cw.grant_interact(short))["ok"]
     await asyncio.sleep(2.2)
     expired = await _set(cw, {"a": 5}, 1, signer=w.requester.sig, writer="bob",
