@@ -84,3 +84,14 @@ async def test_the_subscription_table_is_walked_over_a_snapshot() -> None:
         for k_filter in table:
             table.pop(k_filter)
         assert walked == ["a/#", "b/+", "c"] and not table
+
+
+def test_a_broadcast_is_formatted_without_its_payload() -> None:
+    """amqtt formats every broadcast into a debug message even with debug logging off: the
+    record must not drag a megabyte payload's repr along (it cost more than the routing)."""
+    from ciphertwin.broker.embedded import _Broadcast
+
+    record = _Broadcast(session=None, topic="ct/x/nodes/n0/inputs/j1", data=bytes(4 << 20))
+    text = f"Processing broadcast message: {record}"
+    assert len(text) < 200 and "4194304 bytes" in text and "ct/x/nodes/n0/inputs/j1" in text
+    assert record["data"] == bytes(4 << 20) and record.get("qos", 1) == 1  # still amqtt's dict

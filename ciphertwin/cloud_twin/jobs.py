@@ -410,10 +410,16 @@ class JobManager:
         change it (``_prepare`` refuses the job if the stored inputs changed anyway)."""
         plan = _Plan(stored_until=time.time())
         sizes: list[dict[str, list[int]]] = [{} for _ in range(3)]  # node -> twin -> [n, bytes]
+        # a twin's groups (one per capsule: per key epoch) share a few attribute sets, so
+        # grants are matched once per (twin, attribute set), not once per group and node
+        matched: dict[tuple[str, tuple[str, ...]], tuple[ActiveGrant | None, ...]] = {}
         for start in range(0, len(twins), PLAN_TWINS):
             for g in await self.cloud.store.window_groups(
                     twins[start:start + PLAN_TWINS], env["since"], env["until"], plan.stored_until):
-                chosen = tuple(self._grant_for(roster, i, g) for i in range(3))
+                chosen = matched.get((g.twin, g.attributes))
+                if chosen is None:
+                    chosen = matched[(g.twin, g.attributes)] = tuple(
+                        self._grant_for(roster, i, g) for i in range(3))
                 if not any(chosen):
                     continue
                 plan.add(g, chosen)

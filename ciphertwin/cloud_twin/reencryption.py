@@ -45,6 +45,7 @@ def reencrypt_batch(work: Sequence[tuple[bytes, bytes]]) -> list[bytes | str]:
     distinct capsule in the batch."""
     out: list[bytes | str] = []
     parsed: dict[bytes, EncodedCapsule | str] = {}
+    rekeys: dict[bytes, ReKey] = {}  # a grant's bytes arrive as one object: hashed once
     for rekey_bytes, capsule_bytes in work:
         try:
             capsule = parsed.get(capsule_bytes)
@@ -56,7 +57,10 @@ def reencrypt_batch(work: Sequence[tuple[bytes, bytes]]) -> list[bytes | str]:
             if isinstance(capsule, str):
                 out.append(capsule)
                 continue
-            out.append(reencrypt_encoded(_rekey(rekey_bytes), capsule).to_bytes())
+            rk = rekeys.get(rekey_bytes)
+            if rk is None:
+                rk = rekeys[rekey_bytes] = _rekey(rekey_bytes)
+            out.append(reencrypt_encoded(rk, capsule).to_bytes())
         except (PolicyNotSatisfied, KeyMismatch, ValidationError) as exc:
             out.append(f"{type(exc).__name__}: {exc}")
     return out

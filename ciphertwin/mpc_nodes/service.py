@@ -93,7 +93,7 @@ from ciphertwin.protocol.jobs import (
     verify_status,
 )
 from ciphertwin.protocol.roster_trust import RosterHistory, swap_reason
-from ciphertwin.protocol.share_open import OpenedColumns, open_share_batch
+from ciphertwin.protocol.share_open import OpenedColumns, job_context, open_shares
 from ciphertwin.supervise import spawn
 
 log = structlog.get_logger(__name__)
@@ -453,11 +453,12 @@ class ProcessingNode:
                 log.warning("node.token_malformed", node=self.name, job=job, reason=str(exc))
                 continue
             by_issuer.setdefault(token.issuer.raw, []).append(token)
+        twins_of = _twins_by_owner(env)  # once, not once per owner: linear in the job's twins
         selectors: dict[bytes, str] = {}
         used: list[ProcessToken] = []
         for owner in owners:
             used.append(self._token_for(env, roster, owner, by_issuer.get(owner, []),
-                                        shape.function.function_class))
+                                        shape.function.function_class, twins_of))
             selectors[owner] = used[-1].selector
         roles = {t["role"] for t in env["twins"]}
         for name, b in env["bindings"].items():
@@ -471,7 +472,8 @@ class ProcessingNode:
         return _Checked(env, params, shape, selectors, roster)
 
     def _token_for(self, env: Envelope, roster: NodeRoster, owner: bytes,
-                   candidates: Sequence[ProcessToken], function_class: str) -> ProcessToken:
+                   candidates: Sequence[ProcessToken], function_class: str,
+                   twins_of: Mapping[bytes, Sequence[Mapping[str, Any]]]) -> ProcessToken:
         """The owner's token that admits this job, or refuse with the most telling reason."""
         owner_key = VerifyKey(owner)
 
@@ -482,31 +484,36 @@ class ProcessingNode:
                 token, owner_key, function_class=function_class, receiver=env["receiver_key"],
                 roster=roster.digest, node_key=self.identity.signing.verify_key.raw, leeway_s=60,
             )
-            self._check_limits(env, owner, token)
+            self._check_limits(env, owner, token, twins_of)
             self._check_budget(token)
 
-        mine = [t for t in candidates if t.issuer == owner_key]
-        token, reason = first_admitting(mine, admits)
+        issued = [t for t in candidates if t.issuer == owner_key]
+        token, reason = first_admitting(issued, admits)
         if token is None:
             raise JobRefused(f"owner {owner.hex()[:16]}: "
-                             f"{reason if mine else 'no process token from this owner'}")
+                             f"{reason if issued else 'no process token from this owner'}")
         return token
 
     @staticmethod
-    def _check_limits(env: Envelope, owner: bytes, token: ProcessToken) -> None:
+    def _check_limits(env: Envelope | Mapping[str, Any], owner: bytes, token: ProcessToken,
+                      twins_of: Mapping[bytes, Sequence[Mapping[str, Any]]] | None = None) -> None:
         """The token's twin scope and limits for this owner's part of the job.
 
         ``min_owners`` (``min_twins`` is the same limit under its old name) counts the distinct
         owners *other than the issuer*: many twins of one owner — the receiver's own, say —
-        count once, so a receiver cannot pad a job with its twins around a single victim."""
-        mine = [t for t in env["twins"] if t["owner_key"] == owner]
+        count once, so a receiver cannot pad a job with its twins around a single victim.
+        ``twins_of`` (:func:`_twins_by_owner` of ``env``, computed once per job) keeps the
+        checks of all owners linear in the job's twins instead of quadratic."""
+        if twins_of is None:
+            twins_of = _twins_by_owner(env)
+        mine = twins_of.get(owner, ())
+        others = len(twins_of) - (owner in twins_of)
         outside = sorted({t["twin"] for t in mine} - set(token.twins))
         if outside:
             raise TokenRejected("twin-not-covered", f"token does not cover twin {outside[0]}")
         max_items = token.limits.get("max_items")
         if max_items is not None and sum(t["count"] for t in mine) > max_items:
             raise TokenRejected("limit", f"more than max_items={max_items} inputs")
-        others = len({t["owner_key"] for t in env["twins"]} - {owner})
         for name in ("min_owners", "min_twins"):
             least = token.limits.get(name)
             if least is not None and others < least:
@@ -529,6 +536,10 @@ class ProcessingNode:
         """Open every chunk as it arrives (the cloud is still re-encrypting later ones),
         reporting progress; a chunk missing ``input_timeout_s`` after the last one fails."""
         fields = list(checked.encodings)
+        context = job_context(
+            self.pre.to_bytes(), self.identity.index,
+            {t["twin"]: t["owner_key"] for t in checked.env["twins"]}, checked.selectors,
+            checked.encodings)  # packed once: every batch of every chunk shares it
         opening: list[asyncio.Task[OpenedColumns]] = []
         opened = [0]
         reporter = spawn(f"node:{job}:opening",
@@ -547,7 +558,8 @@ class ProcessingNode:
                                 f"inputs incomplete: {len(pending.seen)} of {pending.chunks} "
                                 f"chunks, none for {self.input_timeout_s:.0f} s") from None
                 if items:
-                    opening.append(asyncio.create_task(self._open(checked, items, opened)))
+                    opening.append(asyncio.create_task(
+                        self._open(context, fields, items, opened)))
             parts = await asyncio.gather(*opening)
             reporter.cancel()
             await self._status(job, "opening", progress=1.0)
@@ -566,20 +578,16 @@ class ProcessingNode:
                 await self._status(job, "opening", progress=last / max(total, 1))
             await asyncio.sleep(PROGRESS_EVERY_S)
 
-    async def _open(self, checked: _Checked, items: Sequence[dict[str, bytes]],
+    async def _open(self, context: bytes, fields: list[str], items: Sequence[dict[str, bytes]],
                     opened: list[int]) -> OpenedColumns:
-        env = checked.env
-        owner_of = {t["twin"]: t["owner_key"] for t in env["twins"]}
-        encodings = checked.encodings
+        """One chunk, cut into a batch per worker (``context``: :func:`job_context`)."""
         loop = asyncio.get_running_loop()
         workers = getattr(self.executor, "_max_workers", 1) or 1
         size = max(256, -(-len(items) // workers))
-        batches = [list(items[i:i + size]) for i in range(0, len(items), size)]
+        batches = [items[i:i + size] for i in range(0, len(items), size)]
 
-        async def one(batch: list[dict[str, bytes]]) -> OpenedColumns | str:
-            part = await loop.run_in_executor(
-                self.executor, open_share_batch, self.pre.to_bytes(), self.identity.index,
-                owner_of, checked.selectors, encodings, batch)
+        async def one(batch: Sequence[dict[str, bytes]]) -> OpenedColumns | str:
+            part = await loop.run_in_executor(self.executor, open_shares, context, batch)
             opened[0] += len(batch)
             return part
 
@@ -587,7 +595,7 @@ class ProcessingNode:
         for part in parts:
             if isinstance(part, str):
                 raise JobRefused(part)
-        return OpenedColumns.concat(parts, list(encodings))  # type: ignore[arg-type]
+        return OpenedColumns.concat(parts, fields)  # type: ignore[arg-type]
 
     async def _compute(self, job: str, checked: _Checked, inputs: Mapping[str, np.ndarray],
                        layout: Layout, labels: list[str]) -> None:
@@ -650,3 +658,11 @@ class ProcessingNode:
         if done:
             log.info("node.results_cleared", node=self.name, count=done)
         return done
+
+
+def _twins_by_owner(env: Envelope | Mapping[str, Any]) -> dict[bytes, list[Mapping[str, Any]]]:
+    """owner key -> that owner's twins in the job spec (in spec order)."""
+    out: dict[bytes, list[Mapping[str, Any]]] = {}
+    for t in env["twins"]:
+        out.setdefault(t["owner_key"], []).append(t)
+    return out

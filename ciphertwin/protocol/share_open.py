@@ -28,6 +28,12 @@ for the batch, and across batches by digest of the exact bytes), so the per-item
 envelope check, one Ed25519 verification (remembered by digest of the exact bytes, so a
 repeated job skips it), AES-GCM and the value checks. Results come back as
 columns (numpy arrays), which are cheap to pickle out of the worker and to arrange.
+
+What every batch of a job shares — the node's PRE key, the job's twins, owners, selectors and
+encodings — is packed once per job (:func:`job_context`) and unpacked and parsed once per
+worker (cached by digest); the owners' selectors are parsed only for owners whose items the
+worker meets. Before, each batch re-parsed the key and *every* owner's selector, so with N
+users a job cost O(N) per batch and O(N²) in all.
 See docs/processing.md ("Authenticity of node inputs").
 """
 
@@ -35,6 +41,7 @@ See docs/processing.md ("Authenticity of node inputs").
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -107,17 +114,69 @@ def _remember(cache: OrderedDict, key: object, value: object) -> None:  # type: 
         cache.popitem(last=False)
 
 
+class _Job:
+    """What every batch of one job shares at one node, parsed once per worker process."""
+
+    def __init__(self, pre_bytes: bytes, index: int, owner_of: Mapping[str, bytes],
+                 selectors: Mapping[bytes, str], encodings: Mapping[str, Mapping[str, Any]]) -> None:
+        self.pre = PreKeyPair.from_bytes(pre_bytes)
+        self.index, self.owner_of, self.selectors = index, owner_of, selectors
+        self.fields = tuple(encodings)
+        self.encodings = {f: FieldEncoding.from_dict(e) for f, e in encodings.items()}
+        self.declared = {f: e.as_dict() for f, e in self.encodings.items()}
+        """field -> the declared encoding in its canonical form (what a device sends)"""
+        self._policies: dict[bytes, Policy] = {}
+
+    def policy(self, owner: bytes) -> Policy:
+        """The owner's token selector, parsed the first time one of its items is opened."""
+        got = self._policies.get(owner)
+        if got is None:
+            got = self._policies[owner] = Policy.parse(self.selectors[owner])
+        return got
+
+
+def job_context(pre_bytes: bytes, index: int, owner_of: Mapping[str, bytes],
+                selectors: Mapping[bytes, str],
+                encodings: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """Everything :func:`open_shares` needs besides the items, packed once per job.
+
+    Only ever handed from a node to its own worker processes (like the items themselves,
+    which cross that boundary pickled too)."""
+    return pickle.dumps((pre_bytes, index, dict(owner_of), dict(selectors),
+                         {f: dict(e) for f, e in encodings.items()}),
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+
+_JOBS: OrderedDict[bytes, _Job] = OrderedDict()
+_JOBS_LIMIT = 8
+
+
+def _job(context: bytes) -> _Job:
+    """The parsed job context, once per worker and job (keyed by digest of the bytes)."""
+    key = hashlib.sha256(context).digest()
+    job = _JOBS.get(key)
+    if job is None:
+        job = _JOBS[key] = _Job(*pickle.loads(context))  # noqa: S301 - the node's own bytes
+        if len(_JOBS) > _JOBS_LIMIT:
+            _JOBS.popitem(last=False)
+    else:
+        _JOBS.move_to_end(key)
+    return job
+
+
+_NUMBER = (int, float)
+
+
 class _Opener:
     """Opens one batch for node ``index``; memoises per token, attribute set and re-capsule."""
 
-    def __init__(self, pre: PreKeyPair, index: int, owner_of: Mapping[str, bytes],
-                 selectors: Mapping[bytes, str], encodings: Mapping[str, Mapping[str, Any]]) -> None:
-        self.pre, self.pre_id, self.index = pre, pre.key_id, index
-        self.owner_of, self.fields = owner_of, tuple(encodings)
-        self.encodings = {f: FieldEncoding.from_dict(e) for f, e in encodings.items()}
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.pre, self.pre_id, self.index = job.pre, job.pre.key_id, job.index
+        self.owner_of, self.fields = job.owner_of, job.fields
+        self.encodings, self.declared = job.encodings, job.declared
         self._enc_seen: dict[tuple[str, tuple[Any, ...], tuple[type, ...]], bool] = {}
-        self.policies = {owner: Policy.parse(text) for owner, text in selectors.items()}
-        self.share_attr = f"share:{index}"
+        self.share_attr = f"share:{job.index}"
         self._tokens: dict[tuple[bytes, bytes], tuple[bytes, WriteToken]] = {}
         self._attrs: dict[tuple[bytes, tuple[str, ...]], str | None] = {}
         self._keys: dict[bytes, tuple[bytes, bytes]] = {}
@@ -149,7 +208,7 @@ class _Opener:
         problem = None
         if not ok:
             problem = "attributes are not allowed by the write token"
-        elif self.share_attr not in attrs or not self.policies[owner].allows(attrs):
+        elif self.share_attr not in attrs or not self.job.policy(owner).allows(attrs):
             problem = f"attributes are not {self.share_attr} within the token's subset"
         self._attrs[key] = problem
         return problem
@@ -200,31 +259,42 @@ class _Opener:
         return twin, device, seq, when, values
 
     def check_encodings(self, reading: Mapping[str, Any]) -> None:
-        """Every field read must declare exactly the job's encoding (memoised per distinct
-        declaration: a device sends the same few over and over)."""
+        """Every field read must declare exactly the job's encoding.
+
+        A conforming device sends the declared encoding itself (``FieldEncoding.as_dict``):
+        that is one dict comparison plus a type check (``==`` alone would let ``True`` pass
+        for 1, or ``4.0`` for 4). Anything else goes through ``FieldEncoding.from_dict`` and
+        the comparison of the parsed encodings, memoised per distinct declaration."""
         enc = reading.get("enc")
         if not isinstance(enc, dict):
             raise ValidationError("reading declares no field encodings ('enc'; the old 'frac' "
                                   "format is no longer accepted)")
         for f in self.fields:
             raw = enc.get(f)
-            try:  # the types too: True == 1 and 1 == 1.0 must not share an entry
-                key = (f, tuple(raw.items()), tuple(map(type, raw.values())))
-                ok = self._enc_seen.get(key)
-            except (AttributeError, TypeError):  # not a map, or unhashable values
-                key, ok = None, None
-            if ok is None:
-                try:
-                    ok = FieldEncoding.from_dict(raw) == self.encodings[f]
-                except ValidationError:
-                    ok = False
-                if key is not None and len(self._enc_seen) < 1024:
-                    self._enc_seen[key] = ok
-            if not ok:
+            if (raw == self.declared[f] and type(raw["frac"]) is int
+                    and type(raw["min"]) in _NUMBER and type(raw["max"]) in _NUMBER):
+                continue  # == on dicts: same keys, unit a str; the types checked here
+            if not self._declares(f, raw):
                 want = self.encodings[f]
                 raise ValidationError(
                     f"field {f!r} is encoded as {_describe(raw)}, the job declares "
                     f"{want.unit!r} frac {want.frac} in [{want.min:g}, {want.max:g}]")
+
+    def _declares(self, f: str, raw: object) -> bool:
+        """Does ``raw`` parse to the job's encoding of ``f`` (e.g. an integer bound)?"""
+        try:  # the types too: True == 1 and 1 == 1.0 must not share an entry
+            key = (f, tuple(raw.items()), tuple(map(type, raw.values())))  # type: ignore[union-attr]
+            ok = self._enc_seen.get(key)
+        except (AttributeError, TypeError):  # not a map, or unhashable values
+            key, ok = None, None
+        if ok is None:
+            try:
+                ok = FieldEncoding.from_dict(raw) == self.encodings[f]
+            except ValidationError:
+                ok = False
+            if key is not None and len(self._enc_seen) < 1024:
+                self._enc_seen[key] = ok
+        return ok
 
 
 def _describe(raw: object) -> str:
@@ -243,14 +313,22 @@ def open_share_batch(pre_bytes: bytes, index: int, owner_of: Mapping[str, bytes]
     """Open ``entries`` ({item, key}) for node ``index``; a string is the refusal reason.
 
     ``encodings``: field -> the job's declared encoding (``FieldEncoding.as_dict``) of every
-    field to read. Every item's device signature is checked: there is no switch to skip it."""
-    opener = _Opener(PreKeyPair.from_bytes(pre_bytes), index, owner_of, selectors, encodings)
+    field to read. Every item's device signature is checked: there is no switch to skip it.
+    A node opening many batches of one job packs the rest once (:func:`job_context`) and
+    calls :func:`open_shares`."""
+    return open_shares(job_context(pre_bytes, index, owner_of, selectors, encodings), entries)
+
+
+def open_shares(context: bytes, entries: Sequence[Mapping[str, bytes]]) -> OpenedColumns | str:
+    """Open ``entries`` ({item, key}) with a job's :func:`job_context`; a string is the
+    refusal reason (the first item refused ends the batch)."""
+    opener = _Opener(_job(context))
     fields = opener.fields
     twins: list[str] = []
     devices: list[str] = []
     seqs: list[int] = []
     times: list[float] = []
-    values: list[tuple[int, ...]] = []
+    columns: list[list[int]] = [[] for _ in fields]
     for entry in entries:
         try:
             twin, device, seq, when, vals = opener.open(entry["item"], entry["key"])
@@ -261,12 +339,11 @@ def open_share_batch(pre_bytes: bytes, index: int, owner_of: Mapping[str, bytes]
         devices.append(device)
         seqs.append(seq)
         times.append(when)
-        values.append(vals)
-    columns = (np.array(values, dtype=np.uint64).reshape(len(values), len(fields)).T
-               if values else np.zeros((len(fields), 0), dtype=np.uint64))
+        for column, v in zip(columns, vals):
+            column.append(v)
     return OpenedColumns(twins, devices, np.array(seqs, dtype=np.uint64),
                          np.array(times, dtype=np.float64),
-                         {f: np.ascontiguousarray(columns[i]) for i, f in enumerate(fields)})
+                         {f: np.array(c, dtype=np.uint64) for f, c in zip(fields, columns)})
 
 
 def _where(raw: bytes) -> str:
