@@ -27,6 +27,7 @@ Publishing is the service's: the router calls ``deliver``, ``wake`` and ``status
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -52,6 +53,8 @@ log = structlog.get_logger(__name__)
 
 QUEUED, DELIVERED, ANSWERED, REFUSED, EXPIRED = (
     "queued", "delivered", "answered", "refused", "expired")
+PURGE_EVERY_S = 60.0
+"""How often the sweeper forgets final requests (a write transaction; expiry runs every sweep)."""
 WAKE_CAP_REACHED = "wake cap reached"
 _PRESENCE_NS, _WAKES_NS = "presence", "wakes"
 _TOKENS_NS, _REVOKED_NS = "interact_token", "interact_revoked"
@@ -171,6 +174,7 @@ class RequestRouter:
         self.queue_cap, self.wakes_per_hour = queue_cap, wakes_per_hour
         self.max_deadline_s = max_deadline_s
         self.clock = clock
+        self._purged_at = -math.inf
         self.presence: dict[tuple[str, str], Presence] = {}
         self._live: set[tuple[str, str]] = set()
         """Devices whose current awake period this process has seen begin (and so has
@@ -419,7 +423,9 @@ class RequestRouter:
                 expired += await self.expire(r.requester, r.request_id, now)
             if len(due) < 500:
                 break
-        await self.store.purge_requests(now - 3600)
+        if now - self._purged_at >= PURGE_EVERY_S:  # a write transaction: not every second,
+            self._purged_at = now                    # so ingest's writer rarely waits on it
+            await self.store.purge_requests(now - 3600)
         self.per_requester.forget_idle(now)
         self.per_twin.forget_idle(now)
         return expired

@@ -384,15 +384,17 @@ class TwinStore(abc.ABC):
     # cloud workers for the cap check).
 
     @abc.abstractmethod
-    def _state_tx(self) -> contextlib.AbstractAsyncContextManager[StateTx]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
+    def _state_tx(self, *, write: bool = True) -> contextlib.AbstractAsyncContextManager[StateTx]:
+        """One transaction: committed when the block ends, rolled back if it raises.
+        ``write=False`` for one that only reads (SQLite then takes no write lock, which
+        ingest's writer would otherwise wait on)."""
 
     async def _lock_device(self, tx: StateTx, twin: str, device: str) -> None:
         """Hold one device's queue until the transaction ends (a backend that serialises
         every write transaction needs nothing more)."""
 
     async def get_desired(self, twin: str) -> DesiredRecord | None:
-        async with self._state_tx() as tx:
+        async with self._state_tx(write=False) as tx:
             rows = await tx.fetch(_STATE_SQL["desired_get"], twin)
         if not rows:
             return None
@@ -425,7 +427,7 @@ class TwinStore(abc.ABC):
 
     async def get_reported(self, twin: str) -> list[ReportedRecord]:
         """Every device's latest report of ``twin``, newest first."""
-        async with self._state_tx() as tx:
+        async with self._state_tx(write=False) as tx:
             rows = await tx.fetch(_STATE_SQL["reported_get"], twin)
         return [ReportedRecord(twin, str(d), int(v), int(dv), bool(s), bytes(e), float(t))
                 for d, v, dv, s, e, t in rows]
@@ -472,20 +474,20 @@ class TwinStore(abc.ABC):
     async def device_queue(self, twin: str, device: str, *, after: int = 0,
                            include_delivered: bool = True, limit: int = 1000) -> list[Delivery]:
         """Open requests queued for a device, in arrival order, from after ``after``."""
-        async with self._state_tx() as tx:
+        async with self._state_tx(write=False) as tx:
             rows = await tx.fetch(_STATE_SQL["queue_of_device"], twin, device, after,
                                   include_delivered, False, limit)
         return [Delivery(int(o), twin, device, str(r), str(i), bytes(w), bool(d), bytes(e),
                          float(dl), bool(wk)) for o, r, i, w, d, e, dl, wk in rows]
 
     async def queue_length(self, twin: str, device: str) -> int:
-        async with self._state_tx() as tx:
+        async with self._state_tx(write=False) as tx:
             rows = await tx.fetch(_STATE_SQL["queue_count"], twin, device)
         return int(rows[0][0])
 
     async def queued_devices(self) -> list[tuple[str, str]]:
         """(twin, device) of every device with a non-empty queue."""
-        async with self._state_tx() as tx:
+        async with self._state_tx(write=False) as tx:
             rows = await tx.fetch(_STATE_SQL["queue_devices"])
         return [(str(t), str(d)) for t, d in rows]
 
@@ -495,7 +497,7 @@ class TwinStore(abc.ABC):
             await tx.execute(_STATE_SQL["queue_mark"], True, twin, device, last, first, False)
 
     async def get_request(self, requester: str, request_id: str) -> RequestRecord | None:
-        async with self._state_tx() as tx:
+        async with self._state_tx(write=False) as tx:
             rows = await tx.fetch(_STATE_SQL["request_get"], requester, request_id)
         if not rows:
             return None
@@ -521,7 +523,7 @@ class TwinStore(abc.ABC):
 
     async def due_requests(self, now: float, limit: int = 1000) -> list[RequestRecord]:
         """Open requests whose deadline has passed, oldest deadline first."""
-        async with self._state_tx() as tx:
+        async with self._state_tx(write=False) as tx:
             rows = await tx.fetch(_STATE_SQL["requests_due"], float(now), limit)
         return [_request_record(r[0], r[1], r[2:]) for r in rows]
 
@@ -703,14 +705,15 @@ class SqliteTwinStore(TwinStore):
             self._db = None
 
     @asynccontextmanager
-    async def _state_tx(self) -> AsyncIterator[StateTx]:
+    async def _state_tx(self, *, write: bool = True) -> AsyncIterator[StateTx]:
         """BEGIN IMMEDIATE on the state connection: the write lock from the start, so a
-        compare-and-set cannot interleave with another writer's (another process too)."""
+        compare-and-set cannot interleave with another writer's (another process too);
+        a read-only one begins deferred (in WAL mode readers block no writer)."""
         async with self._state_lock:
             if self._state_db is None:
                 raise RuntimeError("store is not open")
             db = self._state_db
-            await db.execute("BEGIN IMMEDIATE")
+            await db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield _SqliteTx(db)
             except BaseException:

@@ -275,7 +275,7 @@ class PostgresTwinStore(TwinStore):
         await self.pool.fetchval("SELECT 1")
 
     @asynccontextmanager
-    async def _state_tx(self) -> AsyncIterator[StateTx]:
+    async def _state_tx(self, *, write: bool = True) -> AsyncIterator[StateTx]:
         async with self.pool.acquire() as conn, conn.transaction():
             yield _PgTx(conn, self.schema)
 
