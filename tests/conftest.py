@@ -32,11 +32,15 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
+_PRISTINE_LOGGING = structlog.get_config()
+"""structlog's configuration before any test ran (conftest is imported first)."""
+
+
 @pytest.fixture(autouse=True)
 def _logging_config_stays_with_its_test() -> Iterator[None]:
     """A test that runs a CLI in-process configures structlog (level WARNING, say); without
     this the next test in the same worker would inherit it — and `capture_logs` would see no
     info events, depending on which files a worker happened to run first."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
+    structlog.configure(**_PRISTINE_LOGGING)  # also undoes what a leftover of an earlier
+    yield                                      # test (a thread, a task) configured late
+    structlog.configure(**_PRISTINE_LOGGING)
